@@ -1,0 +1,187 @@
+"""Admission: a bounded FIFO queue in front of the engine, and the one worker thread that runs it.
+
+gRPC handler threads submit jobs and read their chunks; the worker takes jobs one at a time. A
+full queue refuses at once (the caller gets RESOURCE_EXHAUSTED) instead of letting waits grow
+without bound. A job cancelled while it waits leaves the queue and never reaches the engine; a
+job cancelled while it runs stops at the engine's next check (one token, or one prompt batch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edge_llm.types import (
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    GenerationStats,
+    QueueFullError,
+    Timings,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+class EngineLike(Protocol):
+    def generate(
+        self,
+        prompt: list[int],
+        request: GenerateRequest,
+        cancelled: Callable[[], bool],
+        stats: GenerationStats,
+    ) -> Iterator[str]: ...
+
+
+@dataclass(eq=False)
+class Job:
+    request: GenerateRequest
+    prompt: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    id: int = field(default_factory=lambda: next(_ids))
+    received_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    # Set by the RPC-done callback (client cancelled, went away, or passed its deadline).
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Completion tokens the engine had made when the cancel arrived (tests check the engine
+    # stops within one token of it).
+    tokens_at_cancel: int | None = None
+    outbox: queue.SimpleQueue[Chunk | BaseException] = field(default_factory=queue.SimpleQueue)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """What the engine produces, as it produces it; the last chunk has finish_reason."""
+        while True:
+            item = self.outbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+class Scheduler:
+    def __init__(self, engine: EngineLike, queue_depth: int) -> None:
+        self._engine = engine
+        self.queue_depth = queue_depth
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.running: Job | None = None
+        self.started: list[int] = []  # ids of jobs that reached the engine, most recent last
+        self.served = 0
+        self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise QueueFullError("the server is shutting down")
+            if len(self._waiting) >= self.queue_depth:
+                raise QueueFullError(
+                    f"the queue is full ({self.queue_depth} requests waiting); retry later"
+                )
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            if job.cancelled.is_set():
+                return
+            job.tokens_at_cancel = job.stats.completion_tokens
+            job.cancelled.set()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                log.info("request %d cancelled while queued", job.id)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse new jobs, cancel the waiting ones and stop the worker after its current job."""
+        with self._cond:
+            self._closed = True
+            for job in self._waiting:
+                job.cancelled.set()
+                job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
+            self._waiting.clear()
+            if self.running is not None:
+                self.running.cancelled.set()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _take(self) -> Job | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            job = self._waiting.popleft()
+            self.running = job
+            return job
+
+    def _work(self) -> None:
+        while (job := self._take()) is not None:
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self.running = None
+
+    def _run(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        self.started.append(job.id)
+        del self.started[:-100]
+        try:
+            for text in self._engine.generate(
+                job.prompt, job.request, job.cancelled.is_set, job.stats
+            ):
+                job.outbox.put(Chunk(text))
+        except Exception as e:  # the handler turns it into a gRPC status
+            log.exception("request %d failed in the engine", job.id)
+            job.outbox.put(e)
+            return
+        stats = job.stats
+        reason = stats.finish_reason or FinishReason.CANCELLED
+        job.outbox.put(Chunk("", finish_reason=reason, usage=_usage(stats), timings=_timings(job)))
+        self.served += 1
+        log.info(
+            "request %d finished: %s, %d prompt + %d completion tokens",
+            job.id,
+            reason.value,
+            stats.prompt_tokens,
+            stats.completion_tokens,
+        )
+
+
+def _usage(stats: GenerationStats) -> Usage:
+    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens)
+
+
+def _timings(job: Job) -> Timings:
+    stats, started = job.stats, job.started_at or job.received_at
+    end = time.monotonic()
+    first = stats.first_token_at or end
+    last = stats.last_token_at or first
+    decode_tps = (stats.completion_tokens - 1) / (last - first) if last > first else 0.0
+    return Timings(
+        queue_ms=(started - job.received_at) * 1e3,
+        prompt_ms=(first - started) * 1e3,
+        time_to_first_token_ms=(first - job.received_at) * 1e3,
+        decode_tokens_per_second=decode_tps,
+        total_ms=(end - job.received_at) * 1e3,
+    )

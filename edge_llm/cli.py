@@ -1,0 +1,115 @@
+"""`edge-llm`: the command line. Parsing only; the work is in server, client and models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from edge_llm import __version__, models
+from edge_llm.config import Config, ConfigError, load_config
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over gRPC",
+        description="Serve a GGUF model over gRPC. Settings: flags > EDGE_LLM_* environment "
+        "(e.g. EDGE_LLM_PORT) > the TOML file (--config, EDGE_LLM_CONFIG, or "
+        "/etc/edge-llm/config.toml) > defaults.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file")
+    d = Config()
+    p.add_argument("--model", help=f"GGUF path, or a known model: {', '.join(models.KNOWN_MODELS)} "
+                   f"(default: {d.model})")  # fmt: skip
+    p.add_argument("--host", help=f"address to listen on (default: {d.host})")
+    p.add_argument("--port", type=int, help=f"port (default: {d.port}; 0 picks a free one)")
+    p.add_argument("--context-length", type=int, help=f"tokens per request, prompt + answer "
+                   f"(default: {d.context_length})")  # fmt: skip
+    p.add_argument("--threads", type=int, help="generation threads (default: 0 = usable CPUs)")
+    p.add_argument("--threads-batch", type=int, help="prompt threads (default: 0 = usable CPUs)")
+    p.add_argument("--batch-size", type=int, help=f"prompt batch (default: {d.batch_size})")
+    p.add_argument("--queue-depth", type=int, help=f"requests that may wait (default: "
+                   f"{d.queue_depth})")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default: "
+                   f"{d.max_tokens})")  # fmt: skip
+    p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request does not "
+                   f"set it (default: {d.default_max_tokens})")  # fmt: skip
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"default: {DEFAULT_ADDRESS}")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", help="system prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-llm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+
+    p = sub.add_parser("fetch-model", help="download, assemble and verify a known model")
+    p.add_argument("name", nargs="?", default="default", choices=list(models.KNOWN_MODELS))
+    p.add_argument("--print-path", action="store_true", help="print only the path on stdout")
+
+    p = sub.add_parser("chat", help="talk to a server interactively (Ctrl-C stops an answer)")
+    _client_args(p)
+    _sampling_args(p)
+
+    p = sub.add_parser("generate", help="one answer, streamed to stdout (for scripts)")
+    p.add_argument("prompt", help="the user message ('-' reads stdin)")
+    p.add_argument("--raw", action="store_true", help="send as a raw prompt, no chat template")
+    p.add_argument("--stats", action="store_true", help="print usage and timings on stderr")
+    _client_args(p)
+    _sampling_args(p)
+
+    p = sub.add_parser("info", help="describe the server's model, runtime and limits")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "fetch-model":
+            path = models.fetch(args.name)
+            if args.print_path:
+                print(path)
+            return 0
+        from edge_llm import client
+
+        return client.main(args)
+    except (ConfigError, models.ModelError, OSError) as e:
+        print(f"edge-llm: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config = load_config(flags, config_file=args.config)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from edge_llm import server
+
+    return server.run(config)

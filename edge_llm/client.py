@@ -1,0 +1,129 @@
+"""The terminal clients: `edge-llm chat`, `generate` and `info`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from google.protobuf import json_format
+
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+
+def main(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.EdgeLLMStub(channel)
+        try:
+            if args.command == "info":
+                return _info(stub, args)
+            if args.command == "generate":
+                return _generate(stub, args)
+            return _chat(stub, args)
+        except grpc.RpcError as e:
+            print(f"edge-llm: {_describe(e, args.address)}", file=sys.stderr)
+            return 1
+
+
+def _describe(e: grpc.RpcError, address: str) -> str:
+    code, details = e.code(), e.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE and "loading" not in (details or ""):
+        return f"no edge-llm server at {address} ({details}); start one with `edge-llm serve`"
+    return f"{code.name}: {details}"
+
+
+def _request(args: argparse.Namespace, messages: list[pb.Message]) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(messages=messages, stop=args.stop)
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            setattr(req, name, getattr(args, name))
+    return req
+
+
+def _stream(stub: pb_grpc.EdgeLLMStub, req: pb.GenerateRequest) -> tuple[str, pb.GenerateResponse]:
+    """Print the answer as it arrives; return it and the last message. Ctrl-C cancels the call."""
+    call = stub.Generate(req)
+    parts, last = [], pb.GenerateResponse()
+    try:
+        for msg in call:
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            parts.append(msg.text)
+            last = msg
+    except KeyboardInterrupt:
+        call.cancel()
+        raise
+    return "".join(parts), last
+
+
+def _generate(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.raw:
+        req = _request(args, [])
+        req.prompt = text
+    else:
+        system = [pb.Message(role="system", content=args.system)] if args.system else []
+        req = _request(args, [*system, pb.Message(role="user", content=text)])
+    _, last = _stream(stub, req)
+    print()
+    if args.stats:
+        t = last.timings
+        print(
+            f"[{pb.FinishReason.Name(last.finish_reason)}; {last.usage.prompt_tokens} prompt + "
+            f"{last.usage.completion_tokens} completion tokens; first token "
+            f"{t.time_to_first_token_ms:.0f} ms; {t.decode_tokens_per_second:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _chat(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
+    history = [pb.Message(role="system", content=args.system)] if args.system else []
+    print("edge-llm chat: type a message and press Enter. Ctrl-C stops an answer; "
+          "Ctrl-D (or Ctrl-C at the prompt) quits.", file=sys.stderr)  # fmt: skip
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        history.append(pb.Message(role="user", content=line))
+        try:
+            answer, _ = _stream(stub, _request(args, history))
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+            history.pop()  # the question was not answered: forget it
+            continue
+        except grpc.RpcError as e:
+            print(f"\nedge-llm: {_describe(e, args.address)}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append(pb.Message(role="assistant", content=answer))
+
+
+def _info(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
+    info = stub.GetInfo(pb.GetInfoRequest())
+    if args.json:
+        print(json_format.MessageToJson(info))
+        return 0
+    m, r, lim = info.model, info.runtime, info.limits
+    print(
+        f"model    {m.name} ({m.architecture}, {m.quantization}, "
+        f"{m.parameter_count / 1e6:.0f}M parameters, {m.size_bytes / 1e6:.0f} MB)"
+    )
+    print(f"file     {m.path}")
+    print(f"sha256   {m.sha256 or '(still hashing)'}")
+    print(
+        f"runtime  edge-llm {r.edge_llm_version}, llama-cpp-python {r.llama_cpp_python_version}, "
+        f"grpcio {r.grpcio_version}, Python {r.python_version}"
+    )
+    print(f"threads  {r.threads} generation, {r.threads_batch} prompt")
+    print(f"cpu      {' '.join(r.cpu_features)}")
+    print(f"limits   context {lim.context_length} tokens (model trained on "
+          f"{m.trained_context_length}), max_tokens {lim.max_tokens} (default "
+          f"{lim.default_max_tokens}), queue {lim.queue_depth}")  # fmt: skip
+    return 0

@@ -1,0 +1,120 @@
+"""One Config, built once: command-line flags > EDGE_LLM_* environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/edge-llm/config.toml")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # A GGUF path, or the name of a model edge-llm knows how to fetch ("default", "tiny").
+    model: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Context window (prompt + answer) of each request.
+    context_length: int = 4096
+    # 0: pick from the CPUs this process may use.
+    threads: int = 0
+    threads_batch: int = 0
+    # Prompt tokens processed per llama_decode call; also the granularity of cancellation
+    # during prompt processing.
+    batch_size: int = 256
+    # Requests that may wait while the engine is busy; one more gets RESOURCE_EXHAUSTED.
+    queue_depth: int = 8
+    max_tokens: int = 2048  # the cap a request may ask for
+    default_max_tokens: int = 512  # when a request does not say
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = ("port", "context_length", "batch_size", "queue_depth", "max_tokens")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("threads", "threads_batch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
+        if not 0 < self.default_max_tokens <= self.max_tokens:
+            raise ConfigError(
+                f"default_max_tokens must be in 1..max_tokens ({self.max_tokens}), "
+                f"got {self.default_max_tokens}"
+            )
+        if self.port > 65535:
+            raise ConfigError(f"port must be <= 65535, got {self.port}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                f"log_level must be debug, info, warning or error, got {self.log_level}"
+            )
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, kind: type, value: Any, source: str) -> Any:
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} in {source} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} in {source} must be an integer, got {value!r}") from None
+    return str(value)
+
+
+def _types() -> dict[str, type]:
+    return {f.name: (int if f.type in ("int", int) else str) for f in fields(Config)}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Config:
+    """Merge the sources; `flags` holds only the options given on the command line."""
+    env = os.environ if env is None else env
+    types = _types()
+    values: dict[str, Any] = {}
+
+    path = config_file or (Path(env["EDGE_LLM_CONFIG"]) if env.get("EDGE_LLM_CONFIG") else None)
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) in {path}: {', '.join(unknown)}; known: {', '.join(types)}"
+            )
+        values.update({k: _coerce(k, types[k], v, str(path)) for k, v in data.items()})
+
+    for name, kind in types.items():
+        key = f"EDGE_LLM_{name.upper()}"
+        if env.get(key):
+            values[name] = _coerce(name, kind, env[key], key)
+
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, types[name], value, f"--{name.replace('_', '-')}")
+
+    return Config(**values)

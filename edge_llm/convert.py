@@ -1,0 +1,202 @@
+"""protobuf <-> domain types, and the validation of what clients send.
+
+Every check names the field and the allowed range, so a grpcurl user can fix the request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edge_llm import __version__
+from edge_llm.types import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    ModelInfo,
+    RequestError,
+    RuntimeInfo,
+    Sampling,
+)
+from edge_llm.v1 import edge_llm_pb2 as pb
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Limits:
+    context_length: int
+    max_tokens: int
+    default_max_tokens: int
+    queue_depth: int
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256
+    max_messages: int = 256
+    max_text_bytes: int = 64 * 1024  # the prompt, or one message's content
+    max_request_bytes: int = 1024 * 1024  # enforced by gRPC itself
+
+    def to_pb(self) -> pb.Limits:
+        return pb.Limits(
+            context_length=self.context_length,
+            max_tokens=self.max_tokens,
+            default_max_tokens=self.default_max_tokens,
+            queue_depth=self.queue_depth,
+            max_stop_strings=self.max_stop_strings,
+            max_stop_string_bytes=self.max_stop_string_bytes,
+            max_messages=self.max_messages,
+            max_request_bytes=self.max_request_bytes,
+        )
+
+
+def _text_or_messages(
+    text: str, messages: list[pb.Message], text_field: str, limits: Limits
+) -> tuple[str | None, tuple[ChatMessage, ...]]:
+    if text and messages:
+        raise RequestError(f"set either {text_field} or messages, not both")
+    if not text and not messages:
+        raise RequestError(f"set {text_field} (raw text) or messages (a conversation)")
+    if text:
+        _check_size(text_field, text, limits.max_text_bytes)
+        return text, ()
+    if len(messages) > limits.max_messages:
+        raise RequestError(
+            f"messages has {len(messages)} entries; the limit is {limits.max_messages}"
+        )
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise RequestError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m.role!r}"
+            )
+        _check_size(f"messages[{i}].content", m.content, limits.max_text_bytes)
+        out.append(ChatMessage(m.role, m.content))
+    return None, tuple(out)
+
+
+def _check_size(field: str, text: str, limit: int) -> None:
+    size = len(text.encode())
+    if size > limit:
+        raise RequestError(f"{field} is {size} bytes; the limit is {limit} bytes")
+
+
+def _in_range(
+    field: str, value: float, low: float, high: float, *, low_open: bool = False
+) -> float:
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise RequestError(f"{field} must be in {bracket}{low:g}, {high:g}]; got {value}")
+    return value
+
+
+def generate_request_from_pb(msg: pb.GenerateRequest, limits: Limits) -> GenerateRequest:
+    prompt, messages = _text_or_messages(msg.prompt, list(msg.messages), "prompt", limits)
+
+    max_tokens = limits.default_max_tokens
+    if msg.HasField("max_tokens"):
+        max_tokens = msg.max_tokens
+        if not 1 <= max_tokens <= limits.max_tokens:
+            raise RequestError(
+                f"max_tokens must be in [1, {limits.max_tokens}] (the server's cap); "
+                f"got {max_tokens}"
+            )
+
+    defaults = Sampling()
+    sampling = Sampling(
+        temperature=_in_range("temperature", msg.temperature, 0, 2)
+        if msg.HasField("temperature")
+        else defaults.temperature,
+        top_p=_in_range("top_p", msg.top_p, 0, 1, low_open=True)
+        if msg.HasField("top_p")
+        else defaults.top_p,
+        top_k=int(_in_range("top_k", msg.top_k, 0, 1000))
+        if msg.HasField("top_k")
+        else defaults.top_k,
+        min_p=_in_range("min_p", msg.min_p, 0, 1) if msg.HasField("min_p") else defaults.min_p,
+        repeat_penalty=_in_range("repeat_penalty", msg.repeat_penalty, 0, 2, low_open=True)
+        if msg.HasField("repeat_penalty")
+        else defaults.repeat_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+
+    if len(msg.stop) > limits.max_stop_strings:
+        raise RequestError(
+            f"stop has {len(msg.stop)} strings; the limit is {limits.max_stop_strings}"
+        )
+    for i, s in enumerate(msg.stop):
+        if not s:
+            raise RequestError(f"stop[{i}] is empty")
+        _check_size(f"stop[{i}]", s, limits.max_stop_string_bytes)
+
+    return GenerateRequest(
+        prompt=prompt,
+        messages=messages,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def tokenize_request_from_pb(
+    msg: pb.TokenizeRequest, limits: Limits
+) -> tuple[str | None, tuple[ChatMessage, ...]]:
+    return _text_or_messages(msg.text, list(msg.messages), "text", limits)
+
+
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(text=chunk.text)
+    if chunk.finish_reason is not None:
+        msg.finish_reason = _FINISH[chunk.finish_reason]
+    if chunk.usage is not None:
+        msg.usage.prompt_tokens = chunk.usage.prompt_tokens
+        msg.usage.completion_tokens = chunk.usage.completion_tokens
+    if chunk.timings is not None:
+        t = chunk.timings
+        msg.timings.CopyFrom(
+            pb.Timings(
+                queue_ms=t.queue_ms,
+                prompt_ms=t.prompt_ms,
+                time_to_first_token_ms=t.time_to_first_token_ms,
+                decode_tokens_per_second=t.decode_tokens_per_second,
+                total_ms=t.total_ms,
+            )
+        )
+    return msg
+
+
+def info_to_pb(model: ModelInfo, runtime: RuntimeInfo, limits: Limits) -> pb.GetInfoResponse:
+    v = runtime.versions
+    return pb.GetInfoResponse(
+        model=pb.ModelInfo(
+            name=model.name,
+            path=model.path,
+            architecture=model.architecture,
+            quantization=model.quantization,
+            parameter_count=model.parameter_count,
+            size_bytes=model.size_bytes,
+            trained_context_length=model.trained_context_length,
+            sha256=model.sha256,
+            has_chat_template=model.has_chat_template,
+        ),
+        runtime=pb.RuntimeInfo(
+            edge_llm_version=__version__,
+            llama_cpp_python_version=v.get("llama_cpp_python", ""),
+            grpcio_version=v.get("grpcio", ""),
+            protobuf_version=v.get("protobuf", ""),
+            python_version=v.get("python", ""),
+            threads=runtime.threads,
+            threads_batch=runtime.threads_batch,
+            cpu_features=list(runtime.cpu_features),
+            system_info=runtime.system_info,
+        ),
+        limits=limits.to_pb(),
+    )

@@ -1,0 +1,253 @@
+"""The model: load a GGUF file with llama-cpp-python and turn token ids into text.
+
+This is the only module that imports llama_cpp. An Engine is driven by one thread at a time
+(the scheduler's worker); tokenizing is safe from any thread, as it only reads the vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from edge_llm.textstream import TextStream
+from edge_llm.types import (
+    ChatMessage,
+    FinishReason,
+    GenerateRequest,
+    GenerationStats,
+    ModelInfo,
+    RequestError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """llama.cpp refused the file."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    context_length: int
+    batch_size: int
+    threads: int
+    threads_batch: int
+
+
+class Engine:
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        self.path = path
+        self.settings = settings
+        try:
+            # The library prints its own load log through stderr; keep it for debug level only.
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=settings.context_length,
+                n_batch=settings.batch_size,
+                n_ubatch=settings.batch_size,
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads_batch,
+                use_mmap=True,
+                verbose=log.isEnabledFor(logging.DEBUG),
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path} ({e}); the file may be truncated, damaged or "
+                "of an architecture this llama.cpp does not know"
+            ) from None
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._formatter = self._chat_formatter()
+        self.info = self._model_info()
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def prompt_tokens(self, request: GenerateRequest) -> list[int]:
+        """The tokens the request's prompt becomes; refused when they leave no room to answer."""
+        tokens = self.tokenize(request.prompt, request.messages)
+        n_ctx = self.settings.context_length
+        if len(tokens) >= n_ctx:
+            field = "prompt" if request.prompt is not None else "messages"
+            raise RequestError(
+                f"{field} is {len(tokens)} tokens; the context window holds {n_ctx} tokens "
+                "for prompt and answer together: shorten it"
+            )
+        if not tokens:
+            raise RequestError("prompt gives no tokens")
+        return tokens
+
+    def tokenize(self, prompt: str | None, messages: Sequence[ChatMessage]) -> list[int]:
+        if prompt is not None:
+            return self._llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        if self._formatter is None:
+            raise RequestError(
+                f"the model {self.path.name} has no chat template; send a raw prompt instead"
+            )
+        try:
+            text = self._formatter(
+                messages=[{"role": m.role, "content": m.content} for m in messages]
+            ).prompt
+        except Exception as e:  # the template's own raise_exception, or a Jinja error
+            raise RequestError(f"messages: the model's chat template refused them: {e}") from None
+        # The template writes the special tokens (BOS included) itself.
+        return self._llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+
+        def text_of(token: int) -> str:
+            return self._piece(token, special=True).decode(errors="replace") if token >= 0 else ""
+
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=text_of(self._llm.token_eos()),
+            bos_token=text_of(self._llm.token_bos()),
+            add_generation_prompt=True,
+        )
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: list[int],
+        request: GenerateRequest,
+        cancelled: Callable[[], bool],
+        stats: GenerationStats,
+    ) -> Iterator[str]:
+        """Yield text deltas for a prompt from prompt_tokens().
+
+        `cancelled` is polled between prompt batches and between tokens.
+
+        Ends with stats.finish_reason set, unless cancelled (then it is None).
+        """
+        llm, s = self._llm, request.sampling
+        stats.prompt_tokens = len(prompt)
+        max_tokens = min(request.max_tokens, self.settings.context_length - len(prompt))
+
+        # Keep the KV cache of the longest prefix shared with the previous request (a system
+        # prompt, an earlier turn), then process the rest of the prompt but its last token one
+        # batch at a time, so that a cancelled request stops at the next batch boundary.
+        body = prompt[:-1]
+        reused = _common_prefix(llm.input_ids[: llm.n_tokens], body)
+        if llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(
+            llm.model
+        ):
+            reused = 0  # their state cannot be cut back to a prefix
+            llm.reset()
+        llm.n_tokens = reused  # eval() drops the KV cells past n_tokens
+        stats.prompt_tokens_reused = reused
+        for start in range(reused, len(body), self.settings.batch_size):
+            if cancelled():
+                return
+            batch = body[start : start + self.settings.batch_size]
+            llm.eval(batch)
+            stats.prompt_tokens_processed += len(batch)
+        if cancelled():
+            return
+
+        # generate() finds everything but the last prompt token in the cache, evaluates that
+        # one token and samples from it.
+        llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
+        tokens = llm.generate(
+            prompt,
+            temp=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+        )
+        stats.prompt_tokens_processed += 1
+        text = TextStream(request.stop)
+        try:
+            for token in tokens:
+                now = time.monotonic()
+                stats.first_token_at = stats.first_token_at or now
+                stats.last_token_at = now
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not request.ignore_eos:
+                    stats.finish_reason = FinishReason.STOP
+                    break
+                stats.completion_tokens += 1
+                if delta := text.push(self._piece(token)):
+                    yield delta
+                if text.stopped:
+                    stats.finish_reason = FinishReason.STOP
+                    return
+                if stats.completion_tokens >= max_tokens:
+                    stats.finish_reason = FinishReason.LENGTH
+                    break
+                if cancelled():
+                    return
+        finally:
+            tokens.close()
+        if tail := text.finish():
+            yield tail
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:  # the buffer was too small; -n is the size needed
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    # -- description -----------------------------------------------------------------------
+
+    def _model_info(self) -> ModelInfo:
+        meta = self._llm.metadata
+        model = self._llm.model
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(model, buf, len(buf))
+        # "qwen2 1B Q4_K - Medium": architecture, size class, then the quantization.
+        desc = buf.value.decode(errors="replace").split(" ", 2)
+        return ModelInfo(
+            name=meta.get("general.name", self.path.stem),
+            path=str(self.path),
+            architecture=meta.get("general.architecture", desc[0]),
+            quantization=desc[2] if len(desc) == 3 else "",
+            parameter_count=llama_cpp.llama_model_n_params(model),
+            size_bytes=self.path.stat().st_size,
+            trained_context_length=llama_cpp.llama_model_n_ctx_train(model),
+            has_chat_template=self._formatter is not None,
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._llm.close()
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+
+
+def cpu_features_used(info: str) -> tuple[str, ...]:
+    """'CPU : SSE3 = 1 | AVX = 1 | AVX512 = 0 | ...' -> ('SSE3', 'AVX')."""
+    features = []
+    for part in info.replace("\n", "|").split("|"):
+        name, _, value = part.rpartition("=")
+        name = name.split(":")[-1].strip()
+        if name and value.strip() == "1":
+            features.append(name)
+    return tuple(features)
+
+
+def library_version() -> str:
+    return llama_cpp.__version__
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

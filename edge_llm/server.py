@@ -1,0 +1,177 @@
+"""Start-up, the main loop and shutdown.
+
+Order matters: the gRPC port opens first with health NOT_SERVING (so a supervisor or a probe
+can watch the load), then the model loads, a warm-up generation runs through the real path,
+and only then does health turn SERVING.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import signal
+import threading
+from concurrent import futures
+from importlib.metadata import version
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edge_llm import hardware, models
+from edge_llm.admission import Job, Scheduler
+from edge_llm.config import Config
+from edge_llm.convert import Limits
+from edge_llm.engine import Engine, EngineSettings, cpu_features_used, system_info
+from edge_llm.service import EdgeLLMService, Loaded
+from edge_llm.types import GenerateRequest, RuntimeInfo, Sampling
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeLLM"].full_name  # "edge_llm.v1.EdgeLLM"
+_SPARE_HANDLER_THREADS = 8  # health checks, GetInfo, and refusing calls beyond the queue
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.model_path = models.resolve(config.model)
+        models.check_gguf(self.model_path, config.model)  # fail before opening the port
+        self.limits = Limits(
+            context_length=config.context_length,
+            max_tokens=config.max_tokens,
+            default_max_tokens=config.default_max_tokens,
+            queue_depth=config.queue_depth,
+        )
+        self.service = EdgeLLMService(self.limits)
+        self.health = health.HealthServicer()
+        self.port = 0
+        self._grpc: grpc.Server | None = None
+        self._scheduler: Scheduler | None = None
+        self._engine: Engine | None = None
+        self.load_error: Exception | None = None
+
+    def start(self) -> int:
+        """Open the port with health NOT_SERVING; return the port (config.port 0 picks one)."""
+        # One handler thread per streaming call: enough for a full queue, the running request
+        # and some spare for health checks; calls beyond that are refused, not left hanging.
+        workers = self.config.queue_depth + 1 + _SPARE_HANDLER_THREADS
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=workers,
+            options=[("grpc.max_receive_message_length", self.limits.max_request_bytes)],
+        )
+        pb_grpc.add_EdgeLLMServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.address}: in use, or not a local address")
+        server.start()
+        self._grpc = server
+        log.info("listening on %s:%d (health NOT_SERVING while the model loads)",
+                 self.config.host, self.port)  # fmt: skip
+        return self.port
+
+    def load(self) -> None:
+        """Load the model, warm it up, start taking requests; health turns SERVING."""
+        cpus = hardware.usable_cpus()
+        settings = EngineSettings(
+            context_length=self.config.context_length,
+            batch_size=self.config.batch_size,
+            threads=self.config.threads or cpus,
+            threads_batch=self.config.threads_batch or cpus,
+        )
+        log.info("loading %s (context %d, %d threads)", self.model_path,
+                 settings.context_length, settings.threads)  # fmt: skip
+        engine = Engine(self.model_path, settings)
+        self._engine = engine
+        self._scheduler = Scheduler(engine, self.config.queue_depth)
+        self._scheduler.start()
+        info = system_info()
+        runtime = RuntimeInfo(
+            threads=settings.threads,
+            threads_batch=settings.threads_batch,
+            cpu_features=cpu_features_used(info),
+            system_info=info,
+            versions={
+                "llama_cpp_python": version("llama-cpp-python"),
+                "grpcio": grpc.__version__,
+                "protobuf": version("protobuf"),
+                "python": platform.python_version(),
+            },
+        )
+        self._warm_up(engine)
+        self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info)
+        threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s, %s, %s parameters", engine.info.name, engine.info.quantization,
+                 f"{engine.info.parameter_count:,}")  # fmt: skip
+
+    def _warm_up(self, engine: Engine) -> None:
+        """One short generation through the scheduler: pages the weights in, proves the path."""
+        request = GenerateRequest(
+            prompt="Hello", messages=(), max_tokens=2, sampling=Sampling(temperature=0)
+        )
+        job = Job(request, engine.prompt_tokens(request))
+        assert self._scheduler is not None
+        self._scheduler.submit(job)
+        for _ in job.chunks():
+            pass
+
+    def _hash_model(self) -> None:
+        sha = models.sha256_file(self.model_path)
+        self.service.set_model_sha256(sha)
+        log.info("model SHA-256 %s", sha)
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._engine is not None:
+            self._engine.close()
+
+    def wait(self) -> None:
+        assert self._grpc is not None
+        self._grpc.wait_for_termination()
+
+
+def run(config: Config) -> int:
+    """`edge-llm serve`: run until SIGTERM or SIGINT; return the exit status."""
+    server = Server(config)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    # Load on another thread: the main thread must stay free to run signal handlers, so that
+    # SIGTERM during a long load stops the service at once.
+    loader = threading.Thread(target=_load_or_stop, args=(server, stopping), daemon=True)
+    loader.start()
+    stopping.wait()
+    server.stop()
+    return 0 if server.load_error is None else 1
+
+
+def _load_or_stop(server: Server, stopping: threading.Event) -> None:
+    try:
+        server.load()
+    except Exception as e:
+        server.load_error = e
+        log.error("%s", e)
+        stopping.set()

@@ -1,0 +1,115 @@
+"""Domain types: what a request asks for and what the engine streams back.
+
+The engine and the queue see only these; protobuf stays in convert.py.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached or the context window is full
+    CANCELLED = "cancelled"  # the server gave up on the request (shutdown)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per request
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request: exactly one of prompt and messages is set."""
+
+    prompt: str | None
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationStats:
+    """Filled in by Engine.generate while it runs; read by the scheduler when it ends."""
+
+    prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0  # already in the KV cache from the previous request
+    prompt_tokens_processed: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic()
+    last_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    prompt_ms: float
+    time_to_first_token_ms: float
+    decode_tokens_per_second: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece of the answer; the last one has finish_reason, usage and timings."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    architecture: str
+    quantization: str
+    parameter_count: int
+    size_bytes: int
+    trained_context_length: int
+    has_chat_template: bool
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    threads: int
+    threads_batch: int
+    cpu_features: tuple[str, ...]
+    system_info: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (INVALID_ARGUMENT); the message names the field."""
+
+
+class QueueFullError(Exception):
+    """The admission queue is full; the caller should retry later."""
+
+
+class NotReadyError(Exception):
+    """The model is still loading, or the server is shutting down."""
