@@ -77,7 +77,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.running: Job | None = None
-        self.started: list[int] = []  # ids of jobs that reached the engine, most recent last
+        self.recent: deque[Job] = deque(maxlen=64)  # jobs that reached the engine, newest last
         self.served = 0
         self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
 
@@ -144,8 +144,7 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         job.started_at = time.monotonic()
-        self.started.append(job.id)
-        del self.started[:-100]
+        self.recent.append(job)
         try:
             for text in self._engine.generate(
                 job.prompt, job.request, job.cancelled.is_set, job.stats

@@ -38,7 +38,7 @@ class Config:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        positive = ("port", "context_length", "batch_size", "queue_depth", "max_tokens")
+        positive = ("context_length", "batch_size", "queue_depth", "max_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -50,8 +50,8 @@ class Config:
                 f"default_max_tokens must be in 1..max_tokens ({self.max_tokens}), "
                 f"got {self.default_max_tokens}"
             )
-        if self.port > 65535:
-            raise ConfigError(f"port must be <= 65535, got {self.port}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level}"

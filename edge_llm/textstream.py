@@ -40,11 +40,13 @@ class TextStream:
         return out
 
     def finish(self) -> str:
-        """The generation ended without a stop string: release whatever was held back."""
-        if self.stopped:
-            return ""
-        out = self._held + self._decoder.decode(b"", final=True)
-        self._held = ""
+        """The generation ended without a stop string: release the text held back.
+
+        Bytes of a character the model never finished (max_tokens cut it off) are dropped: they
+        are not text yet, and a replacement character would only look like damage.
+        """
+        out, self._held = ("" if self.stopped else self._held), ""
+        self._decoder.reset()
         return out
 
     def _first_stop(self) -> int | None:

@@ -1,0 +1,116 @@
+"""Scheduling logic with a fake engine (fast); the real engine is covered in test_generate.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from edge_llm.admission import Job, Scheduler
+from edge_llm.types import (
+    FinishReason,
+    GenerateRequest,
+    GenerationStats,
+    QueueFullError,
+    Sampling,
+)
+
+
+class FakeEngine:
+    """Emits one token per `step` event so a test controls exactly how far each job gets."""
+
+    def __init__(self) -> None:
+        self.step = threading.Semaphore(0)
+        self.ran: list[str] = []
+        self.entered = threading.Event()
+
+    def generate(
+        self,
+        prompt: list[int],
+        request: GenerateRequest,
+        cancelled: Callable[[], bool],
+        stats: GenerationStats,
+    ) -> Iterator[str]:
+        self.ran.append(request.prompt or "")
+        self.entered.set()
+        for i in range(request.max_tokens):
+            if cancelled():
+                return
+            self.step.acquire()
+            stats.completion_tokens += 1
+            yield f"t{i} "
+        stats.finish_reason = FinishReason.LENGTH
+
+
+def job(name: str, max_tokens: int = 3) -> Job:
+    req = GenerateRequest(prompt=name, messages=(), max_tokens=max_tokens, sampling=Sampling())
+    return Job(req, [1, 2, 3])
+
+
+@pytest.fixture
+def engine_and_scheduler() -> Iterator[tuple[FakeEngine, Scheduler]]:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, queue_depth=2)
+    scheduler.start()
+    yield engine, scheduler
+    for _ in range(100):
+        engine.step.release()
+    scheduler.close()
+
+
+def test_jobs_run_in_order_and_stream_their_chunks(engine_and_scheduler) -> None:
+    engine, scheduler = engine_and_scheduler
+    a, b = job("a"), job("b")
+    scheduler.submit(a)
+    scheduler.submit(b)
+    for _ in range(6):
+        engine.step.release()
+    chunks = list(a.chunks())
+    assert [c.text for c in chunks] == ["t0 ", "t1 ", "t2 ", ""]
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert list(b.chunks())[-1].finish_reason is FinishReason.LENGTH
+    assert engine.ran == ["a", "b"]
+
+
+def test_full_queue_refuses_at_once(engine_and_scheduler) -> None:
+    engine, scheduler = engine_and_scheduler
+    scheduler.submit(job("running"))
+    engine.entered.wait(5)
+    scheduler.submit(job("w1"))
+    scheduler.submit(job("w2"))
+    with pytest.raises(QueueFullError, match="queue is full"):
+        scheduler.submit(job("w3"))
+
+
+def test_job_cancelled_while_queued_never_reaches_the_engine(engine_and_scheduler) -> None:
+    engine, scheduler = engine_and_scheduler
+    running, queued = job("running"), job("queued")
+    scheduler.submit(running)
+    engine.entered.wait(5)
+    scheduler.submit(queued)
+    scheduler.cancel(queued)
+    assert scheduler.waiting == 0  # its place in the queue is free again
+    for _ in range(3):
+        engine.step.release()
+    list(running.chunks())
+    after = job("after", max_tokens=1)
+    scheduler.submit(after)
+    engine.step.release()
+    list(after.chunks())
+    assert engine.ran == ["running", "after"]
+
+
+def test_running_job_stops_at_the_next_token_when_cancelled(engine_and_scheduler) -> None:
+    engine, scheduler = engine_and_scheduler
+    j = job("long", max_tokens=1000)
+    scheduler.submit(j)
+    engine.step.release()
+    chunks = j.chunks()
+    assert next(chunks).text == "t0 "
+    scheduler.cancel(j)
+    engine.step.release()  # at most one more token may be in flight
+    last = list(chunks)[-1]
+    assert last.finish_reason is FinishReason.CANCELLED
+    assert j.stats.completion_tokens - (j.tokens_at_cancel or 0) <= 1

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from edge_llm.config import Config, ConfigError, load_config
+
+
+def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "config.toml"
+    f.write_text('port = 7000\nqueue_depth = 3\nmodel = "/m.gguf"\nthreads = 1\n')
+    env = {"EDGE_LLM_PORT": "8000", "EDGE_LLM_QUEUE_DEPTH": "5"}
+    config = load_config({"port": 9000, "host": None}, env=env, config_file=f)
+    assert config.port == 9000  # flag
+    assert config.queue_depth == 5  # environment
+    assert config.model == "/m.gguf" and config.threads == 1  # file
+    assert config.host == Config().host  # default
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("context_length = 2048\n")
+    assert load_config(env={"EDGE_LLM_CONFIG": str(f)}).context_length == 2048
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "unknown setting(s)"),
+        ('port = "x"\n', "port in"),
+        ("port = 70000\n", "port must be in"),
+        ("queue_depth = 0\n", "queue_depth must be > 0"),
+        ("max_tokens = 10\ndefault_max_tokens = 20\n", "default_max_tokens"),
+        ("port = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(env={}, config_file=f)
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="EDGE_LLM_THREADS"):
+        load_config(env={"EDGE_LLM_THREADS": "many"})
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(env={}, config_file=Path("/nonexistent/edge.toml"))
