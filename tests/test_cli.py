@@ -1,0 +1,132 @@
+"""The edge-llm command: start-up refusals, serve/stop, and the terminal clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+CLI = [sys.executable, "-m", "edge_llm"]
+
+
+def run_cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_missing_model_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", str(tmp_path / "nope.gguf"), "--port", "0")
+    assert result.returncode == 2
+    assert f"model file not found: {tmp_path / 'nope.gguf'}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_default_model_says_run_fetch_model(tmp_path: Path) -> None:
+    env = {**os.environ, "EDGE_LLM_MODELS_DIR": str(tmp_path)}
+    result = subprocess.run([*CLI, "serve", "--port", "0"], capture_output=True, text=True,
+                            env=env, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert "edge-llm fetch-model default" in result.stderr
+
+
+def test_non_gguf_file_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_text("this is not a model\n")
+    result = run_cli("serve", "--model", str(bogus), "--port", "0")
+    assert result.returncode == 2
+    assert "not a GGUF file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_truncated_gguf_is_refused_at_start_up(tmp_path: Path, tiny_model: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])
+    result = run_cli("serve", "--model", str(cut), "--port", "0")
+    assert result.returncode == 1
+    assert "could not load" in result.stderr and str(cut) in result.stderr
+    assert "truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_setting_is_refused(tiny_model: Path) -> None:
+    result = run_cli("serve", "--model", str(tiny_model), "--queue-depth", "0")
+    assert result.returncode == 2
+    assert "queue_depth must be > 0" in result.stderr
+
+
+def test_serve_becomes_healthy_and_stops_on_sigterm(tiny_model: Path) -> None:
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(tiny_model), "--port", "0",
+                             "--log-level", "info"],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        lines = []
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "listening on" in line:
+                port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+        assert port, "".join(lines)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(),
+                                                         timeout=60)  # fmt: skip
+            assert any(r.status == health_pb2.HealthCheckResponse.SERVING for r in watch)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_generate_streams_to_stdout(server) -> None:
+    address = f"127.0.0.1:{server.port}"
+    result = run_cli("generate", "--address", address, "--max-tokens", "8", "--temperature",
+                     "0", "--stats", "Say hi")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "completion tokens" in result.stderr
+
+
+def test_generate_reports_server_errors_clearly(server) -> None:
+    result = run_cli("generate", "--address", f"127.0.0.1:{server.port}", "--max-tokens", "0", "x")
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT: max_tokens" in result.stderr
+
+
+def test_client_without_server_says_so() -> None:
+    result = run_cli("info", "--address", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert "no edge-llm server at 127.0.0.1:1" in result.stderr
+
+
+def test_info_json(server) -> None:
+    result = run_cli("info", "--json", "--address", f"127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["architecture"] == "llama"
+
+
+def test_chat_keeps_the_conversation(server) -> None:
+    before = len(server.service.loaded.scheduler.recent)
+    result = run_cli("chat", "--address", f"127.0.0.1:{server.port}", "--max-tokens", "8",
+                     stdin="Hello there\nAnd again\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = list(server.service.loaded.scheduler.recent)[before:]
+    assert [len(j.request.messages) for j in jobs] == [1, 3]  # turn 2 carries turn 1
+    assert jobs[1].request.messages[0].content == "Hello there"
+    assert jobs[1].request.messages[1].role == "assistant"
+
+
+@pytest.mark.parametrize("name", ["tiny"])
+def test_fetch_model_does_not_download_twice(name: str) -> None:
+    result = run_cli("fetch-model", name, "--print-path", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "downloading" not in result.stderr
+    assert "SHA-256 matches" in result.stderr
+    assert Path(result.stdout.strip()).is_file()
