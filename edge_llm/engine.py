@@ -135,10 +135,10 @@ class Engine:
         max_tokens = min(request.max_tokens, self.settings.context_length - len(prompt))
 
         # Keep the KV cache of the longest prefix shared with the previous request (a system
-        # prompt, an earlier turn), then process the rest of the prompt but its last token one
-        # batch at a time, so that a cancelled request stops at the next batch boundary.
-        body = prompt[:-1]
-        reused = _common_prefix(llm.input_ids[: llm.n_tokens], body)
+        # prompt, an earlier turn), then process the rest one batch at a time, so that a
+        # cancelled request stops at the next batch boundary. At least the last prompt token is
+        # processed again: its logits are what the first answer token is sampled from.
+        reused = min(_common_prefix(llm.input_ids[: llm.n_tokens], prompt), len(prompt) - 1)
         if llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(
             llm.model
         ):
@@ -146,17 +146,14 @@ class Engine:
             llm.reset()
         llm.n_tokens = reused  # eval() drops the KV cells past n_tokens
         stats.prompt_tokens_reused = reused
-        for start in range(reused, len(body), self.settings.batch_size):
+        for start in range(reused, len(prompt), self.settings.batch_size):
             if cancelled():
                 return
-            batch = body[start : start + self.settings.batch_size]
+            batch = prompt[start : start + self.settings.batch_size]
             llm.eval(batch)
             stats.prompt_tokens_processed += len(batch)
-        if cancelled():
-            return
 
-        # generate() finds everything but the last prompt token in the cache, evaluates that
-        # one token and samples from it.
+        # generate() finds the whole prompt in the cache with fresh logits and samples at once.
         llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
         tokens = llm.generate(
             prompt,
@@ -166,7 +163,6 @@ class Engine:
             min_p=s.min_p,
             repeat_penalty=s.repeat_penalty,
         )
-        stats.prompt_tokens_processed += 1
         text = TextStream(request.stop)
         try:
             for token in tokens:
