@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -130,3 +131,46 @@ def test_fetch_model_does_not_download_twice(name: str) -> None:
     assert "downloading" not in result.stderr
     assert "SHA-256 matches" in result.stderr
     assert Path(result.stdout.strip()).is_file()
+
+
+def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
+    """At a real terminal (a pty), Ctrl-C during an answer cancels it; the chat goes on."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: edge-llm chat on the pty
+        os.execv(sys.executable, [*CLI, "chat", "--address", f"127.0.0.1:{server.port}",
+                                  "--max-tokens", "1000"])  # fmt: skip
+    out = b""
+
+    def read_until(needle: bytes, timeout: float = 30, count: int = 1) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while out.count(needle) < count:
+            assert time.monotonic() < deadline, f"{needle!r} not seen in {out!r}"
+            if select.select([fd], [], [], 0.1)[0]:
+                out += os.read(fd, 4096)
+
+    try:
+        read_until(b"> ")
+        os.write(fd, b"Count from 1 to 1000, one number per line.\r")
+        mark = len(out)
+        read_until(b"\n", timeout=30)  # the echo of the question
+        deadline = time.monotonic() + 30
+        while len(out) <= mark + 60:  # some of the answer has arrived
+            assert time.monotonic() < deadline
+            if select.select([fd], [], [], 0.1)[0]:
+                out += os.read(fd, 4096)
+        os.write(fd, b"\x03")  # Ctrl-C
+        read_until(b"[stopped]")
+        os.write(fd, b"Hi\r")
+        read_until(b"> ", timeout=30, count=3)  # answered, and prompting again
+        os.write(fd, b"\x04")  # Ctrl-D quits
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
