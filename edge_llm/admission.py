@@ -23,6 +23,7 @@ from edge_llm.types import (
     FinishReason,
     GenerateRequest,
     GenerationStats,
+    NotReadyError,
     QueueFullError,
     Timings,
     Usage,
@@ -87,7 +88,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
-                raise QueueFullError("the server is shutting down")
+                raise NotReadyError("the server is shutting down; retry on another instance")
             if len(self._waiting) >= self.queue_depth:
                 raise QueueFullError(
                     f"the queue is full ({self.queue_depth} requests waiting); retry later"
@@ -102,7 +103,9 @@ class Scheduler:
             job.tokens_at_cancel = job.stats.completion_tokens
             job.cancelled.set()
             if job in self._waiting:
+                # It never reaches the engine; end its stream so its handler thread is freed.
                 self._waiting.remove(job)
+                job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
                 log.info("request %d cancelled while queued", job.id)
 
     @property
@@ -110,8 +113,12 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Refuse new jobs, cancel the waiting ones and stop the worker after its current job."""
+    def close(self) -> None:
+        """Refuse new jobs, cancel the waiting ones, and wait for the worker to leave the engine.
+
+        The running job is cancelled too, so the worker stops within one token or prompt batch;
+        only then may the engine be freed.
+        """
         with self._cond:
             self._closed = True
             for job in self._waiting:
@@ -122,7 +129,7 @@ class Scheduler:
                 self.running.cancelled.set()
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join()
 
     def _take(self) -> Job | None:
         with self._cond:

@@ -90,6 +90,15 @@ def _in_range(
     return value
 
 
+def _seed(msg: pb.GenerateRequest) -> int | None:
+    if not msg.HasField("seed"):
+        return None
+    # llama.cpp reads 0xFFFFFFFF as "pick a random seed": it would break "same seed, same answer".
+    if msg.seed == 0xFFFFFFFF:
+        raise RequestError("seed must be below 4294967295 (that value means random in llama.cpp)")
+    return msg.seed
+
+
 def generate_request_from_pb(msg: pb.GenerateRequest, limits: Limits) -> GenerateRequest:
     prompt, messages = _text_or_messages(msg.prompt, list(msg.messages), "prompt", limits)
 
@@ -117,7 +126,7 @@ def generate_request_from_pb(msg: pb.GenerateRequest, limits: Limits) -> Generat
         repeat_penalty=_in_range("repeat_penalty", msg.repeat_penalty, 0, 2, low_open=True)
         if msg.HasField("repeat_penalty")
         else defaults.repeat_penalty,
-        seed=msg.seed if msg.HasField("seed") else None,
+        seed=_seed(msg),
     )
 
     if len(msg.stop) > limits.max_stop_strings:

@@ -18,7 +18,7 @@ import grpc
 
 from edge_llm import convert
 from edge_llm.admission import Job, Scheduler
-from edge_llm.types import ModelInfo, QueueFullError, RequestError, RuntimeInfo
+from edge_llm.types import ModelInfo, NotReadyError, QueueFullError, RequestError, RuntimeInfo
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -58,6 +58,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
             loaded.scheduler.submit(job)
         except QueueFullError as e:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except NotReadyError as e:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         log.info("request %d queued: %d prompt tokens from %s", job.id, len(prompt), context.peer())
         try:
             for chunk in job.chunks():
@@ -94,10 +96,14 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
 
 
 def _valid(context: grpc.ServicerContext, make: Callable[[], T]) -> T:
+    """Run a conversion or tokenization: a bad request is INVALID_ARGUMENT, a failure INTERNAL."""
     try:
         return make()
     except RequestError as e:
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except Exception as e:
+        log.exception("request handling failed")
+        _abort(context, grpc.StatusCode.INTERNAL, f"could not process the request: {e}")
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

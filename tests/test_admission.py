@@ -12,6 +12,7 @@ from edge_llm.types import (
     FinishReason,
     GenerateRequest,
     GenerationStats,
+    NotReadyError,
     QueueFullError,
     Sampling,
 )
@@ -92,6 +93,8 @@ def test_job_cancelled_while_queued_never_reaches_the_engine(engine_and_schedule
     scheduler.submit(queued)
     scheduler.cancel(queued)
     assert scheduler.waiting == 0  # its place in the queue is free again
+    # Its handler is not left waiting: the stream ends at once, as cancelled.
+    assert [c.finish_reason for c in queued.chunks()] == [FinishReason.CANCELLED]
     for _ in range(3):
         engine.step.release()
     list(running.chunks())
@@ -114,3 +117,22 @@ def test_running_job_stops_at_the_next_token_when_cancelled(engine_and_scheduler
     last = list(chunks)[-1]
     assert last.finish_reason is FinishReason.CANCELLED
     assert j.stats.completion_tokens - (j.tokens_at_cancel or 0) <= 1
+
+
+def test_close_ends_waiting_streams_and_refuses_new_jobs() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, queue_depth=2)
+    scheduler.start()
+    running, waiting = job("running", max_tokens=1000), job("waiting")
+    scheduler.submit(running)
+    engine.entered.wait(5)
+    scheduler.submit(waiting)
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    engine.step.release()  # the running job's in-flight token
+    closer.join(5)
+    assert not closer.is_alive(), "close() must return once the worker left the engine"
+    assert list(waiting.chunks())[-1].finish_reason is FinishReason.CANCELLED
+    assert list(running.chunks())[-1].finish_reason is FinishReason.CANCELLED
+    with pytest.raises(NotReadyError, match="shutting down"):
+        scheduler.submit(job("late"))

@@ -27,6 +27,7 @@ BAD_REQUESTS = [
     (pb.GenerateRequest(prompt="x", min_p=NAN), "min_p"),
     (pb.GenerateRequest(prompt="x", top_k=-1), "top_k"),
     (pb.GenerateRequest(prompt="x", repeat_penalty=0), "repeat_penalty"),
+    (pb.GenerateRequest(prompt="x", seed=0xFFFFFFFF), "seed must be below"),
     (pb.GenerateRequest(prompt="x", stop=["s"] * 17), "stop has 17 strings"),
     (pb.GenerateRequest(prompt="x", stop=["y" * 300]), "stop[0] is 300 bytes"),
     (pb.GenerateRequest(prompt="x", stop=["ok", ""]), "stop[1] is empty"),
