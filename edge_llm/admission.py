@@ -93,6 +93,9 @@ class Scheduler:
                 raise QueueFullError(
                     f"the queue is full ({self.queue_depth} requests waiting); retry later"
                 )
+            if job.cancelled.is_set():  # the call ended before it got here
+                job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
+                return
             self._waiting.append(job)
             self._cond.notify()
 

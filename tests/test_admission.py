@@ -136,3 +136,12 @@ def test_close_ends_waiting_streams_and_refuses_new_jobs() -> None:
     assert list(running.chunks())[-1].finish_reason is FinishReason.CANCELLED
     with pytest.raises(NotReadyError, match="shutting down"):
         scheduler.submit(job("late"))
+
+
+def test_job_cancelled_before_submit_never_reaches_the_engine(engine_and_scheduler) -> None:
+    engine, scheduler = engine_and_scheduler
+    early = job("early")
+    scheduler.cancel(early)  # the RPC ended between tokenizing and queueing
+    scheduler.submit(early)
+    assert [c.finish_reason for c in early.chunks()] == [FinishReason.CANCELLED]
+    assert engine.ran == []
