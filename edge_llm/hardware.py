@@ -1,35 +1,249 @@
-"""What the board gives this process: the CPUs it may use (affinity and cgroup v2 quota)."""
+"""What the board gives this process: CPU features, cores and clusters, CPU and memory limits.
+
+Every reader takes a root directory, so a board's files recorded under tests/fixtures/boards/
+(scripts/record-board makes such a copy) read exactly as the live system does.
+"""
 
 from __future__ import annotations
 
 import math
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+LIVE = Path("/")
 
-def cgroup_cpu_limit(root: Path = Path("/")) -> float | None:
-    """CPUs allowed by the cgroup v2 quota (`cpu.max`: "quota period"), or None if unlimited."""
+# ARM "CPU part" codes (implementer 0x41, Arm Ltd.) of cores found on edge boards.
+ARM_PARTS = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0d": "Cortex-A77",
+    "0xd41": "Cortex-A78",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd4d": "Cortex-A715",
+    "0xd80": "Cortex-A520",
+    "0xd81": "Cortex-A720",
+}
+
+
+@dataclass(frozen=True)
+class Cpu:
+    id: int
+    core: int  # the lowest CPU id among its SMT siblings: one value per physical core
+    capacity: int  # relative performance: cpu_capacity, else max frequency, else 0
+    name: str = ""  # the core's model where the board says (ARM "CPU part")
+
+
+@dataclass(frozen=True)
+class Board:
+    arch: str  # "x86_64", "aarch64", ...
+    model: str  # the CPU's or the board's name
+    features: frozenset[str]
+    cpus: tuple[Cpu, ...]  # online CPUs this process may run on (affinity)
+    cpu_quota: float | None  # CPUs allowed by cgroup v2 cpu.max; None when unlimited
+    mem_available: int | None  # bytes, /proc/meminfo MemAvailable
+    mem_limit: int | None  # bytes, the tightest cgroup v2 memory.max / memory.high
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def big_cpus(self) -> tuple[Cpu, ...]:
+        """The fastest cluster; all CPUs when they are alike."""
+        top = max((c.capacity for c in self.cpus), default=0)
+        return tuple(c for c in self.cpus if c.capacity == top) if top else self.cpus
+
+
+@dataclass(frozen=True)
+class Threads:
+    generation: int
+    prompt: int
+    why: str
+
+
+def plan_threads(board: Board) -> Threads:
+    """Generation: one thread per big physical core we may use; prompt: every physical core.
+
+    Token generation waits on memory and on its slowest thread, so LITTLE cores and SMT
+    siblings slow it down; prompt processing is compute bound and gains from every core. Both
+    are capped by the cgroup CPU quota: threads beyond it are descheduled mid-step.
+    """
+    big_cores = {c.core for c in board.big_cpus}
+    all_cores = {c.core for c in board.cpus}
+    generation, prompt = max(1, len(big_cores)), max(1, len(all_cores))
+    why = [f"{len(board.cpus)} usable CPUs, {len(all_cores)} physical cores"]
+    if len(big_cores) < len(all_cores) and len(board.big_cpus) < len(board.cpus):
+        why.append(f"{len(big_cores)} in the fast cluster")
+    if board.cpu_quota is not None:
+        cap = max(1, math.floor(board.cpu_quota))
+        if cap < prompt:
+            why.append(f"cgroup quota {board.cpu_quota:g} CPUs")
+        generation, prompt = min(generation, cap), min(prompt, cap)
+    return Threads(generation, prompt, ", ".join(why))
+
+
+def detect(root: Path = LIVE) -> Board:
+    cpuinfo = _read(root / "proc/cpuinfo") or ""
+    first = _first_block(cpuinfo)
+    arch = _arch(root, first)
+    features = frozenset((first.get("flags") or first.get("Features") or "").split())
+    ids = _parse_list(_read(root / "sys/devices/system/cpu/online") or "") or sorted(
+        _cpuinfo_parts(cpuinfo)
+    )
+    allowed = _allowed_cpus(root)
+    parts = _cpuinfo_parts(cpuinfo)
+    cpus = tuple(
+        _cpu(root, i, parts.get(i, "")) for i in ids if allowed is None or i in allowed
+    ) or (Cpu(0, 0, 0),)
+    cgroup = _cgroup_dir(root)
+    return Board(
+        arch=arch,
+        model=_model(root, first, cpus),
+        features=features,
+        cpus=cpus,
+        cpu_quota=_cpu_quota(root, cgroup),
+        mem_available=_meminfo(root, "MemAvailable"),
+        mem_limit=_memory_limit(root, cgroup),
+    )
+
+
+def usable_cpus(root: Path = LIVE) -> int:
+    """Physical cores this process can keep busy (affinity, capped by the cgroup quota)."""
+    return plan_threads(detect(root)).prompt
+
+
+# -- readers --------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> str | None:
     try:
-        rel = _own_cgroup(root)
-        text = (root / "sys/fs/cgroup" / rel.lstrip("/") / "cpu.max").read_text().split()
-    except (OSError, ValueError):
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
         return None
-    if len(text) != 2 or text[0] == "max":
-        return None
-    return int(text[0]) / int(text[1])
 
 
-def _own_cgroup(root: Path) -> str:
-    for line in (root / "proc/self/cgroup").read_text().splitlines():
+def _int(path: Path) -> int | None:
+    text = _read(path)
+    try:
+        return int(text.strip()) if text else None
+    except ValueError:
+        return None
+
+
+def _parse_list(text: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6] (the kernel's CPU list format)."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _first_block(cpuinfo: str) -> dict[str, str]:
+    """The first processor's fields, plus the file's trailing board-wide fields (ARM)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _cpuinfo_parts(cpuinfo: str) -> dict[int, str]:
+    """Processor number -> the ARM core name from its "CPU part" (empty on x86)."""
+    parts: dict[int, str] = {}
+    current = None
+    for line in cpuinfo.splitlines():
+        key, _, value = (s.strip() for s in line.partition(":"))
+        if key == "processor" and value.isdigit():
+            current = int(value)
+            parts[current] = ""
+        elif key == "CPU part" and current is not None:
+            parts[current] = ARM_PARTS.get(value.lower(), value)
+    return parts
+
+
+def _arch(root: Path, first: dict[str, str]) -> str:
+    if root == LIVE:
+        import platform
+
+        return platform.machine()
+    if "flags" in first:
+        return "x86_64"
+    return "aarch64" if "Features" in first else "unknown"
+
+
+def _model(root: Path, first: dict[str, str], cpus: tuple[Cpu, ...]) -> str:
+    board = (_read(root / "proc/device-tree/model") or "").strip("\0\n ")
+    cpu = first.get("model name", "")
+    if not cpu and any(c.name for c in cpus):
+        names: dict[str, int] = {}
+        for c in cpus:
+            names[c.name] = names.get(c.name, 0) + 1
+        cpu = " + ".join(f"{n}x {name}" for name, n in names.items())
+    return f"{board} ({cpu})" if board and cpu else board or cpu or "unknown CPU"
+
+
+def _allowed_cpus(root: Path) -> set[int] | None:
+    for line in (_read(root / "proc/self/status") or "").splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return set(_parse_list(line.split(":", 1)[1]))
+    return None
+
+
+def _cpu(root: Path, i: int, name: str) -> Cpu:
+    base = root / f"sys/devices/system/cpu/cpu{i}"
+    capacity = _int(base / "cpu_capacity") or _int(base / "cpufreq/cpuinfo_max_freq") or 0
+    # core_id alone is not unique (ARM numbers cores per cluster); the sibling list is.
+    siblings = _parse_list(_read(base / "topology/thread_siblings_list") or "")
+    return Cpu(i, min(siblings, default=i), capacity, name)
+
+
+def _cgroup_dir(root: Path) -> Path | None:
+    """This process's cgroup v2 directory, or None without a unified hierarchy."""
+    for line in (_read(root / "proc/self/cgroup") or "").splitlines():
         if line.startswith("0::"):
-            return line[3:]
-    raise ValueError("no cgroup v2 entry")
+            return root / "sys/fs/cgroup" / line[3:].strip().lstrip("/")
+    return None
 
 
-def usable_cpus(root: Path = Path("/")) -> int:
-    """CPUs this process can really keep busy: its affinity, capped by the cgroup quota."""
-    cpus = len(os.sched_getaffinity(0)) if root == Path("/") else os.cpu_count() or 1
-    quota = cgroup_cpu_limit(root)
-    if quota is not None:
-        cpus = min(cpus, max(1, math.floor(quota)))
-    return max(1, cpus)
+def _ancestors(root: Path, cgroup: Path) -> list[Path]:
+    """The cgroup and its parents up to the hierarchy's root: a limit anywhere applies."""
+    top = root / "sys/fs/cgroup"
+    dirs = [cgroup]
+    while dirs[-1] != top and top in dirs[-1].parents:
+        dirs.append(dirs[-1].parent)
+    return dirs
+
+
+def _cpu_quota(root: Path, cgroup: Path | None) -> float | None:
+    limits = []
+    for d in _ancestors(root, cgroup) if cgroup else []:
+        fields = (_read(d / "cpu.max") or "").split()
+        if len(fields) == 2 and fields[0] != "max":
+            limits.append(int(fields[0]) / int(fields[1]))
+    return min(limits, default=None)
+
+
+def _memory_limit(root: Path, cgroup: Path | None) -> int | None:
+    limits = []
+    for d in _ancestors(root, cgroup) if cgroup else []:
+        for name in ("memory.max", "memory.high"):
+            text = (_read(d / name) or "").strip()
+            if text.isdigit():
+                limits.append(int(text))
+    return min(limits, default=None)
+
+
+def _meminfo(root: Path, key: str) -> int | None:
+    for line in (_read(root / "proc/meminfo") or "").splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return None

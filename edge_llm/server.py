@@ -80,15 +80,18 @@ class Server:
 
     def load(self) -> None:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
-        cpus = hardware.usable_cpus()
+        board = hardware.detect()
+        threads = hardware.plan_threads(board)
         settings = EngineSettings(
             context_length=self.config.context_length,
             batch_size=self.config.batch_size,
-            threads=self.config.threads or cpus,
-            threads_batch=self.config.threads_batch or cpus,
+            threads=self.config.threads or threads.generation,
+            threads_batch=self.config.threads_batch or threads.prompt,
         )
-        log.info("loading %s (context %d, %d threads)", self.model_path,
-                 settings.context_length, settings.threads)  # fmt: skip
+        log.info("board: %s; threads: %d generation, %d prompt (%s)", board.model,
+                 threads.generation, threads.prompt, threads.why)  # fmt: skip
+        log.info("loading %s (context %d, threads %d/%d)", self.model_path,
+                 settings.context_length, settings.threads, settings.threads_batch)  # fmt: skip
         engine = Engine(self.model_path, settings)
         self._engine = engine
         self._scheduler = Scheduler(engine, self.config.queue_depth)

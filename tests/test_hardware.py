@@ -1,0 +1,87 @@
+"""Board detection and thread choice on recorded and documented board files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_llm import hardware
+
+BOARDS = Path(__file__).parent / "fixtures" / "boards"
+GIB = 1024**3
+
+
+def board(name: str) -> hardware.Board:
+    return hardware.detect(BOARDS / name)
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "cpus", "generation", "prompt"),
+    [
+        ("raspberry-pi-4", "aarch64", 4, 4, 4),
+        ("raspberry-pi-5", "aarch64", 4, 4, 4),
+        # big.LITTLE: generation on the 4 Cortex-A76 only; prompt on all, capped by the quota.
+        ("rk3588-orange-pi-5", "aarch64", 8, 4, 6),
+        # 4 cores / 8 threads: one thread per physical core.
+        ("intel-i5-8250u", "x86_64", 8, 4, 4),
+        ("epyc-zen5-2core", "x86_64", 2, 2, 2),
+    ],
+)
+def test_threads(name: str, arch: str, cpus: int, generation: int, prompt: int) -> None:
+    b = board(name)
+    assert b.arch == arch
+    assert len(b.cpus) == cpus
+    threads = hardware.plan_threads(b)
+    assert (threads.generation, threads.prompt) == (generation, prompt), threads.why
+
+
+def test_cpu_features() -> None:
+    assert "asimddp" not in board("raspberry-pi-4").features  # Cortex-A72: no dot product
+    assert "asimddp" in board("raspberry-pi-5").features
+    i5 = board("intel-i5-8250u").features
+    assert {"avx2", "fma", "f16c", "bmi2"} <= i5 and "avx512f" not in i5
+    assert {"avx512f", "avx512_vnni", "avx512_bf16"} <= board("epyc-zen5-2core").features
+
+
+def test_board_names_and_clusters() -> None:
+    assert board("raspberry-pi-4").model == "Raspberry Pi 4 Model B Rev 1.4 (4x Cortex-A72)"
+    rk = board("rk3588-orange-pi-5")
+    assert rk.model == "Orange Pi 5 (4x Cortex-A55 + 4x Cortex-A76)"
+    assert [c.id for c in rk.big_cpus] == [4, 5, 6, 7]
+    assert {c.name for c in rk.big_cpus} == {"Cortex-A76"}
+
+
+def test_cgroup_limits_take_the_tightest_ancestor() -> None:
+    pi = board("raspberry-pi-4")
+    assert pi.mem_limit == 1932735488  # memory.high below memory.max=2G
+    assert pi.cpu_quota is None  # cpu.max "max"
+    rk = board("rk3588-orange-pi-5")
+    assert rk.mem_limit == 2 * GIB  # the pod's 2 GiB, not the slice's 16 GB
+    assert rk.cpu_quota == 6.0
+    assert board("intel-i5-8250u").mem_limit is None
+
+
+def test_memory_available() -> None:
+    assert board("raspberry-pi-4").mem_available == 3512000 * 1024
+
+
+def test_affinity_limits_the_cpus(tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "rk"
+    shutil.copytree(BOARDS / "rk3588-orange-pi-5", root)
+    (root / "proc/self/status").write_text("Name:\tx\nCpus_allowed_list:\t0-3,6\n")
+    b = hardware.detect(root)
+    assert [c.id for c in b.cpus] == [0, 1, 2, 3, 6]
+    assert hardware.plan_threads(b).generation == 1  # one big core left
+
+
+def test_missing_files_still_give_a_usable_answer(tmp_path: Path) -> None:
+    b = hardware.detect(tmp_path)
+    assert hardware.plan_threads(b).generation >= 1
+
+
+def test_the_live_machine_reads() -> None:
+    b = hardware.detect()
+    assert b.cpus and hardware.plan_threads(b).generation >= 1
