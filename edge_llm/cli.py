@@ -38,6 +38,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    f"{d.max_tokens})")  # fmt: skip
     p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request does not "
                    f"set it (default: {d.default_max_tokens})")  # fmt: skip
+    p.add_argument("--memory-budget-mb", type=int, help="memory to plan for (default: 0 = the "
+                   "smaller of 2 GiB and the cgroup limit)")  # fmt: skip
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
 

@@ -33,6 +33,8 @@ class Config:
     batch_size: int = 256
     # Requests that may wait while the engine is busy; one more gets RESOURCE_EXHAUSTED.
     queue_depth: int = 8
+    # MiB the service plans to stay within; 0: the smaller of 2 GiB and the cgroup limit.
+    memory_budget_mb: int = 0
     max_tokens: int = 2048  # the cap a request may ask for
     default_max_tokens: int = 512  # when a request does not say
     log_level: str = "info"
@@ -42,7 +44,7 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("threads", "threads_batch"):
+        for name in ("threads", "threads_batch", "memory_budget_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if not 0 < self.default_max_tokens <= self.max_tokens:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from edge_llm import __version__
+from edge_llm.memory import MemoryPlan
 from edge_llm.types import (
     ChatMessage,
     Chunk,
@@ -182,7 +183,9 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
     return msg
 
 
-def info_to_pb(model: ModelInfo, runtime: RuntimeInfo, limits: Limits) -> pb.GetInfoResponse:
+def info_to_pb(
+    model: ModelInfo, runtime: RuntimeInfo, limits: Limits, memory: MemoryPlan
+) -> pb.GetInfoResponse:
     v = runtime.versions
     return pb.GetInfoResponse(
         model=pb.ModelInfo(
@@ -206,6 +209,20 @@ def info_to_pb(model: ModelInfo, runtime: RuntimeInfo, limits: Limits) -> pb.Get
             threads_batch=runtime.threads_batch,
             cpu_features=list(runtime.cpu_features),
             system_info=runtime.system_info,
+            board=runtime.board,
+            threads_reason=runtime.threads_reason,
         ),
         limits=limits.to_pb(),
+        memory=pb.MemoryPlan(
+            budget_bytes=memory.budget,
+            total_bytes=memory.total,
+            weights_bytes=memory.weights,
+            kv_cache_bytes=memory.kv,
+            kv_bytes_per_token=memory.kv_per_token,
+            compute_bytes=memory.compute,
+            runtime_bytes=memory.runtime,
+            context_length=memory.context_length,
+            requested_context_length=memory.requested_context,
+            cache_type=memory.cache_type,
+        ),
     )

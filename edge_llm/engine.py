@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from edge_llm.memory import ModelShape
 from edge_llm.textstream import TextStream
 from edge_llm.types import (
     ChatMessage,
@@ -33,6 +35,13 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(Exception):
     """llama.cpp refused the file."""
+
+    @classmethod
+    def of(cls, path: Path, error: Exception) -> ModelLoadError:
+        return cls(
+            f"llama.cpp could not load {path} ({error}); the file may be truncated, damaged or "
+            "of an architecture this llama.cpp does not know"
+        )
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,7 @@ class Engine:
                 verbose=log.isEnabledFor(logging.DEBUG),
             )
         except (ValueError, RuntimeError) as e:
-            raise ModelLoadError(
-                f"llama.cpp could not load {path} ({e}); the file may be truncated, damaged or "
-                "of an architecture this llama.cpp does not know"
-            ) from None
+            raise ModelLoadError.of(path, e) from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._formatter = self._chat_formatter()
         self.info = self._model_info()
@@ -219,6 +225,39 @@ class Engine:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._llm.close()
+
+
+def read_shape(path: Path) -> ModelShape:
+    """The model's dimensions from its GGUF metadata (a vocabulary-only load: no weights)."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        # The model alone, without a context (Llama(vocab_only=True) makes one, and logs it).
+        model = LlamaModel(path_model=str(path), params=params, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise ModelLoadError.of(path, e) from None
+    meta = model.metadata()
+    arch = meta.get("general.architecture", "")
+
+    def number(key: str, default: int = 0) -> int:
+        try:
+            return int(meta.get(f"{arch}.{key}", default))
+        except ValueError:
+            return default
+
+    n_embd, n_head = number("embedding_length"), max(1, number("attention.head_count", 1))
+    shape = ModelShape(
+        weights_bytes=path.stat().st_size,
+        n_layer=number("block_count"),
+        n_head_kv=number("attention.head_count_kv", n_head),
+        key_length=number("attention.key_length", n_embd // n_head),
+        value_length=number("attention.value_length", n_embd // n_head),
+        n_vocab=model.n_vocab(),
+        n_embd=n_embd,
+        trained_context=number("context_length"),
+    )
+    model.close()
+    return shape
 
 
 def system_info() -> str:

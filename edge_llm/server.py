@@ -12,17 +12,18 @@ import platform
 import signal
 import threading
 from concurrent import futures
+from dataclasses import replace
 from importlib.metadata import version
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_llm import hardware, models
+from edge_llm import hardware, memory, models
 from edge_llm.admission import Job, Scheduler
 from edge_llm.config import Config
 from edge_llm.convert import Limits
-from edge_llm.engine import Engine, EngineSettings, cpu_features_used, system_info
+from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.service import EdgeLLMService, Loaded
 from edge_llm.types import GenerateRequest, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
@@ -82,14 +83,30 @@ class Server:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
         board = hardware.detect()
         threads = hardware.plan_threads(board)
+        log.info("board: %s; threads: %d generation, %d prompt (%s)", board.model,
+                 threads.generation, threads.prompt, threads.why)  # fmt: skip
+        plan = memory.plan(
+            read_shape(self.model_path),
+            self.config.context_length,
+            self.config.batch_size,
+            self.config.memory_budget_mb * memory.MIB or memory.budget(board.mem_limit),
+        )
+        if plan.shrunk:
+            log.warning(
+                "context %d tokens does not fit the memory budget or the model's trained context: "
+                "using %d",
+                plan.requested_context,
+                plan.context_length,
+            )
+        log.info("memory plan: %s", plan.describe())
+        self.limits = replace(self.limits, context_length=plan.context_length)
+        self.service.limits = self.limits
         settings = EngineSettings(
-            context_length=self.config.context_length,
+            context_length=plan.context_length,
             batch_size=self.config.batch_size,
             threads=self.config.threads or threads.generation,
             threads_batch=self.config.threads_batch or threads.prompt,
         )
-        log.info("board: %s; threads: %d generation, %d prompt (%s)", board.model,
-                 threads.generation, threads.prompt, threads.why)  # fmt: skip
         log.info("loading %s (context %d, threads %d/%d)", self.model_path,
                  settings.context_length, settings.threads, settings.threads_batch)  # fmt: skip
         engine = Engine(self.model_path, settings)
@@ -102,6 +119,8 @@ class Server:
             threads_batch=settings.threads_batch,
             cpu_features=cpu_features_used(info),
             system_info=info,
+            board=board.model,
+            threads_reason=threads.why,
             versions={
                 "llama_cpp_python": version("llama-cpp-python"),
                 "grpcio": grpc.__version__,
@@ -110,7 +129,7 @@ class Server:
             },
         )
         self._warm_up(engine)
-        self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info)
+        self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info, plan)
         threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s, %s, %s parameters", engine.info.name, engine.info.quantization,

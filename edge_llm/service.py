@@ -18,6 +18,7 @@ import grpc
 
 from edge_llm import convert
 from edge_llm.admission import Job, Scheduler
+from edge_llm.memory import MemoryPlan
 from edge_llm.types import ModelInfo, NotReadyError, QueueFullError, RequestError, RuntimeInfo
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
@@ -37,6 +38,7 @@ class Loaded:
     scheduler: Scheduler
     runtime: RuntimeInfo
     model: ModelInfo
+    memory: MemoryPlan
 
 
 class EdgeLLMService(pb_grpc.EdgeLLMServicer):
@@ -83,7 +85,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.GetInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetInfoResponse:
         loaded = self._loaded(context)
-        return convert.info_to_pb(loaded.model, loaded.runtime, self.limits)
+        return convert.info_to_pb(loaded.model, loaded.runtime, self.limits, loaded.memory)
 
     def set_model_sha256(self, sha256: str) -> None:
         if self.loaded is not None:

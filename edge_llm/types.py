@@ -100,6 +100,8 @@ class RuntimeInfo:
     threads_batch: int
     cpu_features: tuple[str, ...]
     system_info: str
+    board: str = ""
+    threads_reason: str = ""
     versions: dict[str, str] = field(default_factory=dict)
 
 

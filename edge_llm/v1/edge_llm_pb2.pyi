@@ -107,14 +107,16 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "runtime", "limits")
+    __slots__ = ("model", "runtime", "limits", "memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     runtime: RuntimeInfo
     limits: Limits
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., runtime: _Optional[_Union[RuntimeInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    memory: MemoryPlan
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., runtime: _Optional[_Union[RuntimeInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., memory: _Optional[_Union[MemoryPlan, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "path", "architecture", "quantization", "parameter_count", "size_bytes", "trained_context_length", "sha256", "has_chat_template")
@@ -139,7 +141,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., parameter_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., trained_context_length: _Optional[int] = ..., sha256: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class RuntimeInfo(_message.Message):
-    __slots__ = ("edge_llm_version", "llama_cpp_python_version", "grpcio_version", "protobuf_version", "python_version", "threads", "threads_batch", "cpu_features", "system_info")
+    __slots__ = ("edge_llm_version", "llama_cpp_python_version", "grpcio_version", "protobuf_version", "python_version", "threads", "threads_batch", "cpu_features", "system_info", "board", "threads_reason")
     EDGE_LLM_VERSION_FIELD_NUMBER: _ClassVar[int]
     LLAMA_CPP_PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPCIO_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +151,8 @@ class RuntimeInfo(_message.Message):
     THREADS_BATCH_FIELD_NUMBER: _ClassVar[int]
     CPU_FEATURES_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_INFO_FIELD_NUMBER: _ClassVar[int]
+    BOARD_FIELD_NUMBER: _ClassVar[int]
+    THREADS_REASON_FIELD_NUMBER: _ClassVar[int]
     edge_llm_version: str
     llama_cpp_python_version: str
     grpcio_version: str
@@ -158,7 +162,33 @@ class RuntimeInfo(_message.Message):
     threads_batch: int
     cpu_features: _containers.RepeatedScalarFieldContainer[str]
     system_info: str
-    def __init__(self, edge_llm_version: _Optional[str] = ..., llama_cpp_python_version: _Optional[str] = ..., grpcio_version: _Optional[str] = ..., protobuf_version: _Optional[str] = ..., python_version: _Optional[str] = ..., threads: _Optional[int] = ..., threads_batch: _Optional[int] = ..., cpu_features: _Optional[_Iterable[str]] = ..., system_info: _Optional[str] = ...) -> None: ...
+    board: str
+    threads_reason: str
+    def __init__(self, edge_llm_version: _Optional[str] = ..., llama_cpp_python_version: _Optional[str] = ..., grpcio_version: _Optional[str] = ..., protobuf_version: _Optional[str] = ..., python_version: _Optional[str] = ..., threads: _Optional[int] = ..., threads_batch: _Optional[int] = ..., cpu_features: _Optional[_Iterable[str]] = ..., system_info: _Optional[str] = ..., board: _Optional[str] = ..., threads_reason: _Optional[str] = ...) -> None: ...
+
+class MemoryPlan(_message.Message):
+    __slots__ = ("budget_bytes", "total_bytes", "weights_bytes", "kv_cache_bytes", "kv_bytes_per_token", "compute_bytes", "runtime_bytes", "context_length", "requested_context_length", "cache_type")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    total_bytes: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    compute_bytes: int
+    runtime_bytes: int
+    context_length: int
+    requested_context_length: int
+    cache_type: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., requested_context_length: _Optional[int] = ..., cache_type: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("context_length", "max_tokens", "default_max_tokens", "queue_depth", "max_stop_strings", "max_stop_string_bytes", "max_messages", "max_request_bytes")

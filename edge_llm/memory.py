@@ -1,0 +1,115 @@
+"""The memory plan: fit the context window into the memory the board gives the service.
+
+Resident memory of a serving process is, to a good approximation:
+- the weights: the GGUF file, memory-mapped, every page touched while generating;
+- the KV cache: layers x KV heads x (key + value head size) x element size, per token of context;
+- llama.cpp's compute buffer, dominated by the logits of one micro-batch: batch x vocabulary x 4
+  bytes (152k-token vocabularies make this 150 MiB at batch 256);
+- the runtime: Python, gRPC, numpy, llama-cpp-python and weights llama.cpp repacks for the CPU.
+BENCHMARKS.md compares the plan with measured peak RSS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024**2
+GIB = 1024**3
+DEFAULT_CAP = 2 * GIB  # the appliance's budget when no cgroup limit is tighter
+RUNTIME_BYTES = 160 * MIB  # measured: ~92 MiB of Python and gRPC, ~28 MiB of repacked weights
+COMPUTE_MARGIN = 1.1  # llama.cpp's compute buffer measured 1-2 % above the logits term
+MIN_CONTEXT = 512
+CONTEXT_STEP = 256
+CACHE_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 values in 34 bytes
+
+
+class MemoryPlanError(Exception):
+    """Even the smallest useful context does not fit; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs from the GGUF metadata."""
+
+    weights_bytes: int
+    n_layer: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    n_vocab: int
+    n_embd: int
+    trained_context: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    weights: int
+    kv_per_token: int
+    context_length: int
+    requested_context: int
+    compute: int
+    runtime: int
+    cache_type: str
+
+    @property
+    def kv(self) -> int:
+        return self.kv_per_token * self.context_length
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.runtime
+
+    @property
+    def shrunk(self) -> bool:
+        return self.context_length < self.requested_context
+
+    def describe(self) -> str:
+        return (
+            f"{self.total / MIB:.0f} MiB of {self.budget / MIB:.0f} MiB: weights "
+            f"{self.weights / MIB:.0f}, KV cache {self.kv / MIB:.0f} ({self.context_length} tokens "
+            f"x {self.kv_per_token / 1024:.1f} KiB, {self.cache_type}), compute "
+            f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}"
+        )
+
+
+def budget(mem_limit: int | None, cap: int = DEFAULT_CAP) -> int:
+    """The smaller of the appliance's cap and the cgroup's memory limit."""
+    return min(cap, mem_limit) if mem_limit else cap
+
+
+def kv_bytes_per_token(shape: ModelShape, cache_type: str = "f16") -> int:
+    per_value = CACHE_BYTES[cache_type]
+    return int(
+        shape.n_layer * shape.n_head_kv * (shape.key_length + shape.value_length) * per_value
+    )
+
+
+def plan(
+    shape: ModelShape,
+    requested_context: int,
+    batch_size: int,
+    budget_bytes: int,
+    cache_type: str = "f16",
+) -> MemoryPlan:
+    """The largest context up to the requested one that fits the budget.
+
+    Raises MemoryPlanError when not even MIN_CONTEXT tokens fit.
+    """
+    per_token = kv_bytes_per_token(shape, cache_type)
+    compute = int(COMPUTE_MARGIN * batch_size * 4 * (shape.n_vocab + 2 * shape.n_embd))
+    fixed = shape.weights_bytes + compute + RUNTIME_BYTES
+    wanted = min(requested_context, shape.trained_context or requested_context)
+    fits = (budget_bytes - fixed) // per_token if budget_bytes > fixed else 0
+    context = wanted if fits >= wanted else fits // CONTEXT_STEP * CONTEXT_STEP
+    result = MemoryPlan(budget_bytes, shape.weights_bytes, per_token, context,
+                        requested_context, compute, RUNTIME_BYTES, cache_type)  # fmt: skip
+    if context < min(MIN_CONTEXT, wanted):
+        raise MemoryPlanError(
+            f"the model does not fit in {budget_bytes / MIB:.0f} MiB: weights "
+            f"{shape.weights_bytes / MIB:.0f} MiB + compute {compute / MIB:.0f} MiB (batch "
+            f"{batch_size}) + runtime {RUNTIME_BYTES / MIB:.0f} MiB leave room for {max(fits, 0)} "
+            f"tokens of context ({per_token / 1024:.1f} KiB each), fewer than {MIN_CONTEXT}; use "
+            "a smaller model or batch size, or raise the memory limit"
+        )
+    return result

@@ -1,0 +1,99 @@
+"""The memory plan: arithmetic on real model shapes, and the server acting on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from helpers import make_config, start_server
+
+from edge_llm import memory, models
+from edge_llm.engine import read_shape
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+MIB = memory.MIB
+# Qwen2.5-0.5B's dimensions (the default model), as its GGUF states them.
+QWEN = memory.ModelShape(
+    weights_bytes=491_400_064,
+    n_layer=24,
+    n_head_kv=2,
+    key_length=64,
+    value_length=64,
+    n_vocab=151936,
+    n_embd=896,
+    trained_context=32768,
+)
+
+
+def test_kv_cache_per_token() -> None:
+    assert memory.kv_bytes_per_token(QWEN) == 24 * 2 * (64 + 64) * 2  # 12 KiB, as llama.cpp logs
+    assert memory.kv_bytes_per_token(QWEN, "q8_0") == 24 * 2 * 128 * 34 // 32
+
+
+def test_requested_context_fits_in_two_gib() -> None:
+    plan = memory.plan(QWEN, 8192, 256, memory.budget(None))
+    assert plan.context_length == 8192 and not plan.shrunk
+    assert plan.kv == 96 * MIB  # llama.cpp: "KV buffer size = 96.00 MiB"
+    assert plan.total < 2 * memory.GIB
+
+
+def test_context_shrinks_to_the_budget_in_whole_steps() -> None:
+    plan = memory.plan(QWEN, 32768, 256, 1000 * MIB)
+    assert plan.shrunk and plan.context_length % memory.CONTEXT_STEP == 0
+    assert plan.total <= 1000 * MIB
+    assert plan.total + plan.kv_per_token * memory.CONTEXT_STEP > 1000 * MIB  # no room left
+
+
+def test_context_never_exceeds_what_the_model_was_trained_on() -> None:
+    assert memory.plan(QWEN, 100_000, 256, 8 * memory.GIB).context_length == 32768
+
+
+def test_too_small_a_budget_is_refused_with_the_numbers() -> None:
+    with pytest.raises(memory.MemoryPlanError, match=r"does not fit in 700 MiB: weights 469 MiB"):
+        memory.plan(QWEN, 4096, 256, 700 * MIB)
+
+
+def test_budget_is_the_tighter_of_the_cap_and_the_cgroup() -> None:
+    assert memory.budget(None) == 2 * memory.GIB
+    assert memory.budget(1536 * MIB) == 1536 * MIB
+    assert memory.budget(16 * memory.GIB) == 2 * memory.GIB
+
+
+def test_shape_is_read_from_the_gguf(tiny_model: Path) -> None:
+    shape = read_shape(tiny_model)
+    assert (shape.n_layer, shape.n_head_kv, shape.key_length, shape.n_vocab) == (30, 3, 64, 49152)
+    assert shape.weights_bytes == tiny_model.stat().st_size
+
+
+@pytest.mark.skipif(not models.resolve("default").is_file(), reason="default model not fetched")
+def test_default_model_shape_matches() -> None:
+    assert read_shape(models.resolve("default")) == QWEN
+
+
+def test_server_shrinks_the_context_and_reports_the_plan(tiny_model: Path) -> None:
+    server = start_server(tiny_model, context_length=8192, memory_budget_mb=400)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            info = pb_grpc.EdgeLLMStub(ch).GetInfo(pb.GetInfoRequest())
+        mem = info.memory
+        assert mem.requested_context_length == 8192
+        assert 512 <= mem.context_length < 8192
+        assert info.limits.context_length == mem.context_length
+        assert mem.total_bytes <= mem.budget_bytes == 400 * MIB
+        assert mem.kv_cache_bytes == mem.kv_bytes_per_token * mem.context_length
+    finally:
+        server.stop(grace=None)
+
+
+def test_server_that_cannot_fit_refuses_to_load(tiny_model: Path) -> None:
+    from edge_llm.server import Server
+
+    server = Server(make_config(tiny_model, memory_budget_mb=200))
+    server.start()
+    try:
+        with pytest.raises(memory.MemoryPlanError, match="does not fit in 200 MiB"):
+            server.load()
+    finally:
+        server.stop(grace=None)
