@@ -1,0 +1,62 @@
+"""Peak RSS of a serving process against the memory plan's estimate, at 2k and 8k context.
+
+Usage: .venv/bin/python scripts/bench_memory.py [--model NAME|PATH]
+Starts `edge-llm serve` for each context size, fills most of the context with one request (so
+the KV cache and compute buffer are touched), and reads VmHWM from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+MIB = 1024**2
+
+
+def measure(model: str, context: int, port: int) -> str:
+    cmd = [sys.executable, "-m", "edge_llm", "serve", "--model", model, "--port", str(port),
+           "--context-length", str(context), "--log-level", "info"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        while "ready" not in (line := proc.stderr.readline()):
+            if not line:
+                raise SystemExit("the server died; run the command by hand to see why")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            plan = stub.GetInfo(pb.GetInfoRequest()).memory
+            words = " ".join(f"w{i}" for i in range(context // 5))
+            prompt = stub.Tokenize(pb.TokenizeRequest(text=words)).count
+            for _ in stub.Generate(pb.GenerateRequest(prompt=words, max_tokens=32,
+                                                      ignore_eos=True)):  # fmt: skip
+                pass
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    finally:
+        proc.terminate()
+        proc.wait()
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+    return (f"| {context} | {prompt} | {peak / MIB:.0f} MiB | {plan.total_bytes / MIB:.0f} MiB "
+            f"(weights {plan.weights_bytes / MIB:.0f} + KV {plan.kv_cache_bytes / MIB:.0f} + "
+            f"compute {plan.compute_bytes / MIB:.0f} + runtime {plan.runtime_bytes / MIB:.0f}) | "
+            f"{100 * peak / plan.total_bytes:.0f} % |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--port", type=int, default=50077)
+    args = parser.parse_args()
+    print("| context | prompt tokens | peak RSS | plan | peak / plan |\n|---|---|---|---|---|")
+    for context in (2048, 8192):
+        print(measure(args.model, context, args.port))
+
+
+if __name__ == "__main__":
+    main()
