@@ -13,11 +13,11 @@ from edge_llm.config import Config, ConfigError, load_config
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
+def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p = sub.add_parser(
-        "serve",
-        help="serve a model over gRPC",
-        description="Serve a GGUF model over gRPC. Settings: flags > EDGE_LLM_* environment "
+        name,
+        help=help,
+        description=f"{help[0].upper()}{help[1:]}. Settings: flags > EDGE_LLM_* environment "
         "(e.g. EDGE_LLM_PORT) > the TOML file (--config, EDGE_LLM_CONFIG, or "
         "/etc/edge-llm/config.toml) > defaults.",
     )
@@ -41,6 +41,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget-mb", type=int, help="memory to plan for (default: 0 = the "
                    "smaller of 2 GiB and the cgroup limit)")  # fmt: skip
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    if name == "doctor":
+        p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-llm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
+    _serve_parser(sub, "serve", "serve a GGUF model over gRPC")
+    _serve_parser(sub, "doctor", "report the board, and what serve would choose on it and why")
 
     p = sub.add_parser("fetch-model", help="download, assemble and verify a known model")
     p.add_argument("name", nargs="?", default="default", choices=list(models.KNOWN_MODELS))
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "doctor"):
             return _serve(args)
         if args.command == "fetch-model":
             path = models.fetch(args.name)
@@ -105,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "json")}
     config = load_config(flags, config_file=args.config)
+    if args.command == "doctor":
+        from edge_llm import doctor
+
+        return doctor.main(config, args.json)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -7,6 +7,7 @@ Every reader takes a root directory, so a board's files recorded under tests/fix
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Board:
     cpu_quota: float | None  # CPUs allowed by cgroup v2 cpu.max; None when unlimited
     mem_available: int | None  # bytes, /proc/meminfo MemAvailable
     mem_limit: int | None  # bytes, the tightest cgroup v2 memory.max / memory.high
-    notes: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def big_cpus(self) -> tuple[Cpu, ...]:
@@ -109,7 +110,38 @@ def detect(root: Path = LIVE) -> Board:
         cpu_quota=_cpu_quota(root, cgroup),
         mem_available=_meminfo(root, "MemAvailable"),
         mem_limit=_memory_limit(root, cgroup),
+        warnings=_warnings(root),
     )
+
+
+def storage_warning(path: Path, root: Path = LIVE) -> str | None:
+    """A model on an SD card loads slowly, and every cold page fault waits on the card."""
+    try:
+        dev = path.stat().st_dev
+    except OSError:
+        return None
+    block = (root / f"sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+    if "mmcblk" in str(block):
+        return (f"{path} is on an SD card ({block.name}): loading is slow and cold pages stall "
+                "generation; keep models on an SSD or eMMC if the board has one")  # fmt: skip
+    return None
+
+
+def _warnings(root: Path) -> tuple[str, ...]:
+    found = []
+    swaps = (_read(root / "proc/swaps") or "").splitlines()[1:]
+    if swaps:
+        found.append(
+            "swap is on: under memory pressure model pages are swapped out and every token "
+            "waits on the disk; turn swap off, or set MemorySwapMax=0 for the service"
+        )
+    governor = (_read(root / "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "").strip()
+    if governor in ("powersave", "conservative"):
+        found.append(
+            f"CPU frequency governor is {governor!r}: generation runs slower than the board "
+            "can; 'performance' or 'schedutil' serve an appliance better"
+        )
+    return tuple(found)
 
 
 def usable_cpus(root: Path = LIVE) -> int:

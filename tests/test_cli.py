@@ -174,3 +174,20 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_doctor_explains_this_machine(tiny_model: Path) -> None:
+    result = run_cli("doctor", "--model", str(tiny_model), "--context-length", "100000", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["threads"]["generation"] >= 1 and report["threads"]["why"]
+    assert report["memory"]["context_length"] == 8192  # the model's trained context
+    assert any("does not fit" in w for w in report["warnings"])
+    text = run_cli("doctor", "--model", str(tiny_model))
+    assert text.returncode == 0 and "threads" in text.stdout and "plan" in text.stdout
+
+
+def test_doctor_names_a_missing_model(tmp_path: Path) -> None:
+    result = run_cli("doctor", "--model", str(tmp_path / "none.gguf"))
+    assert result.returncode == 0
+    assert "model file not found" in result.stdout

@@ -85,3 +85,9 @@ def test_missing_files_still_give_a_usable_answer(tmp_path: Path) -> None:
 def test_the_live_machine_reads() -> None:
     b = hardware.detect()
     assert b.cpus and hardware.plan_threads(b).generation >= 1
+
+
+def test_board_warnings() -> None:
+    assert any("swap is on" in w for w in board("raspberry-pi-4").warnings)
+    assert any("'powersave'" in w for w in board("rk3588-orange-pi-5").warnings)
+    assert board("epyc-zen5-2core").warnings == ()
