@@ -7,15 +7,15 @@ from typing import Any
 
 from edge_llm import hardware, memory, models
 from edge_llm.config import Config
-from edge_llm.engine import ModelLoadError, cpu_features_used, read_shape, system_info
+from edge_llm.engine import ModelLoadError, cpu_features_used, system_info
+from edge_llm.server import plan_resources
 
 MIB = memory.MIB
 
 
 def report(config: Config) -> dict[str, Any]:
     board = hardware.detect()
-    threads = hardware.plan_threads(board)
-    budget = config.memory_budget_mb * MIB or memory.budget(board.mem_limit)
+    path = models.resolve(config.model)
     out: dict[str, Any] = {
         "board": {
             "model": board.model,
@@ -27,39 +27,36 @@ def report(config: Config) -> dict[str, Any]:
             "mem_limit_bytes": board.mem_limit,
             "features": sorted(board.features),
         },
-        "threads": {
-            "generation": config.threads or threads.generation,
-            "prompt": config.threads_batch or threads.prompt,
-            "why": threads.why if not (config.threads or config.threads_batch) else "configured",
-        },
         # One build, compiled for this CPU (GGML_NATIVE): there is no variant to choose yet.
         "cpu_backend": {"build": "native", "uses": list(cpu_features_used(system_info()))},
+        "model": {"path": str(path)},
         "warnings": list(board.warnings),
     }
-    path = models.resolve(config.model)
-    out["model"] = {"path": str(path)}
     try:
         models.check_gguf(path, config.model)
-        shape = read_shape(path)
-        plan = memory.plan(shape, config.context_length, config.batch_size, budget)
-        out["memory"] = {
-            "budget_bytes": plan.budget,
-            "total_bytes": plan.total,
-            "weights_bytes": plan.weights,
-            "kv_cache_bytes": plan.kv,
-            "compute_bytes": plan.compute,
-            "runtime_bytes": plan.runtime,
-            "context_length": plan.context_length,
-            "requested_context_length": plan.requested_context,
-            "summary": plan.describe(),
-        }
-        if plan.shrunk:
-            out["warnings"].append(
-                f"context {plan.requested_context} does not fit: the service will use "
-                f"{plan.context_length}"
-            )
+        plan = plan_resources(config, path)
     except (models.ModelError, ModelLoadError, memory.MemoryPlanError) as e:
         out["warnings"].append(str(e))
+    else:
+        m, s = plan.memory, plan.settings
+        out["threads"] = {"generation": s.threads, "prompt": s.threads_batch,
+                          "why": plan.threads_why}  # fmt: skip
+        out["memory"] = {
+            "budget_bytes": m.budget,
+            "total_bytes": m.total,
+            "weights_bytes": m.weights,
+            "kv_cache_bytes": m.kv,
+            "compute_bytes": m.compute,
+            "runtime_bytes": m.runtime,
+            "context_length": m.context_length,
+            "requested_context_length": m.requested_context,
+            "summary": m.describe(),
+        }
+        if m.shrunk:
+            out["warnings"].append(
+                f"context {m.requested_context} does not fit: the service will use "
+                f"{m.context_length}"
+            )
     if warning := hardware.storage_warning(path):
         out["warnings"].append(warning)
     return out
@@ -70,14 +67,15 @@ def main(config: Config, as_json: bool) -> int:
     if as_json:
         print(json.dumps(r, indent=2))
         return 0
-    b, t = r["board"], r["threads"]
+    b = r["board"]
     limit = f"{b['mem_limit_bytes'] / MIB:.0f} MiB" if b["mem_limit_bytes"] else "none"
     quota = f"{b['cpu_quota']:g} CPUs" if b["cpu_quota"] else "none"
     print(f"board     {b['model']} ({b['arch']})")
     print(f"cpus      usable {b['cpus']}, fast cluster {b['fast_cluster']}, quota {quota}")
     print(f"memory    available {(b['mem_available_bytes'] or 0) / MIB:.0f} MiB, "
           f"cgroup limit {limit}")  # fmt: skip
-    print(f"threads   {t['generation']} generation, {t['prompt']} prompt ({t['why']})")
+    if t := r.get("threads"):
+        print(f"threads   {t['generation']} generation, {t['prompt']} prompt ({t['why']})")
     print(f"backend   {r['cpu_backend']['build']} build using {' '.join(r['cpu_backend']['uses'])}")
     print(f"model     {r['model']['path']}")
     if "memory" in r:
@@ -87,7 +85,3 @@ def main(config: Config, as_json: bool) -> int:
     if not r["warnings"]:
         print("warnings  none")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(Config(), as_json=False))

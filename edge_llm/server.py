@@ -12,8 +12,9 @@ import platform
 import signal
 import threading
 from concurrent import futures
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib.metadata import version
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -81,34 +82,21 @@ class Server:
 
     def load(self) -> None:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
-        board = hardware.detect()
-        threads = hardware.plan_threads(board)
-        log.info("board: %s; threads: %d generation, %d prompt (%s)", board.model,
-                 threads.generation, threads.prompt, threads.why)  # fmt: skip
-        plan = memory.plan(
-            read_shape(self.model_path),
-            self.config.context_length,
-            self.config.batch_size,
-            self.config.memory_budget_mb * memory.MIB or memory.budget(board.mem_limit),
-        )
-        if plan.shrunk:
+        plan = plan_resources(self.config, self.model_path)
+        if plan.memory.shrunk:
             log.warning(
                 "context %d tokens does not fit the memory budget or the model's trained context: "
                 "using %d",
-                plan.requested_context,
-                plan.context_length,
+                plan.memory.requested_context,
+                plan.memory.context_length,
             )
-        log.info("memory plan: %s", plan.describe())
-        self.limits = replace(self.limits, context_length=plan.context_length)
+        log.info("board: %s; threads: %d generation, %d prompt (%s)", plan.board.model,
+                 plan.settings.threads, plan.settings.threads_batch, plan.threads_why)  # fmt: skip
+        log.info("memory plan: %s", plan.memory.describe())
+        self.limits = replace(self.limits, context_length=plan.memory.context_length)
         self.service.limits = self.limits
-        settings = EngineSettings(
-            context_length=plan.context_length,
-            batch_size=self.config.batch_size,
-            threads=self.config.threads or threads.generation,
-            threads_batch=self.config.threads_batch or threads.prompt,
-        )
-        log.info("loading %s (context %d, threads %d/%d)", self.model_path,
-                 settings.context_length, settings.threads, settings.threads_batch)  # fmt: skip
+        settings = plan.settings
+        log.info("loading %s", self.model_path)
         engine = Engine(self.model_path, settings)
         self._engine = engine
         self._scheduler = Scheduler(engine, self.config.queue_depth)
@@ -119,8 +107,8 @@ class Server:
             threads_batch=settings.threads_batch,
             cpu_features=cpu_features_used(info),
             system_info=info,
-            board=board.model,
-            threads_reason=threads.why,
+            board=plan.board.model,
+            threads_reason=plan.threads_why,
             versions={
                 "llama_cpp_python": version("llama-cpp-python"),
                 "grpcio": grpc.__version__,
@@ -128,23 +116,12 @@ class Server:
                 "python": platform.python_version(),
             },
         )
-        self._warm_up(engine)
-        self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info, plan)
+        _warm_up(engine, self._scheduler)
+        self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info, plan.memory)
         threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s, %s, %s parameters", engine.info.name, engine.info.quantization,
                  f"{engine.info.parameter_count:,}")  # fmt: skip
-
-    def _warm_up(self, engine: Engine) -> None:
-        """One short generation through the scheduler: pages the weights in, proves the path."""
-        request = GenerateRequest(
-            prompt="Hello", messages=(), max_tokens=2, sampling=Sampling(temperature=0)
-        )
-        job = Job(request, engine.prompt_tokens(request))
-        assert self._scheduler is not None
-        self._scheduler.submit(job)
-        for _ in job.chunks():
-            pass
 
     def _hash_model(self) -> None:
         sha = models.sha256_file(self.model_path)
@@ -164,9 +141,46 @@ class Server:
         if self._engine is not None:
             self._engine.close()
 
-    def wait(self) -> None:
-        assert self._grpc is not None
-        self._grpc.wait_for_termination()
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """What the service decides about the board before it loads the model (also `doctor`)."""
+
+    board: hardware.Board
+    settings: EngineSettings
+    threads_why: str
+    memory: memory.MemoryPlan
+
+
+def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
+    """Threads from the board, the context from the memory budget; configured values win."""
+    board = hardware.detect()
+    threads = hardware.plan_threads(board)
+    plan = memory.plan(
+        read_shape(model_path),
+        config.context_length,
+        config.batch_size,
+        config.memory_budget_mb * memory.MIB or memory.budget(board.mem_limit),
+    )
+    settings = EngineSettings(
+        context_length=plan.context_length,
+        batch_size=config.batch_size,
+        threads=config.threads or threads.generation,
+        threads_batch=config.threads_batch or threads.prompt,
+    )
+    why = "configured" if config.threads or config.threads_batch else threads.why
+    return ResourcePlan(board, settings, why, plan)
+
+
+def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
+    """One short generation through the scheduler: pages the weights in, proves the path."""
+    request = GenerateRequest(
+        prompt="Hello", messages=(), max_tokens=2, sampling=Sampling(temperature=0)
+    )
+    job = Job(request, engine.prompt_tokens(request))
+    scheduler.submit(job)
+    for _ in job.chunks():
+        pass
 
 
 def run(config: Config) -> int:
