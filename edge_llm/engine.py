@@ -71,6 +71,7 @@ class Engine:
         except (ValueError, RuntimeError) as e:
             raise ModelLoadError.of(path, e) from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._piece_buf = ctypes.create_string_buffer(64)
         self._formatter = self._chat_formatter()
         self.info = self._model_info()
 
@@ -195,7 +196,7 @@ class Engine:
             yield tail
 
     def _piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
+        buf = self._piece_buf  # reused: this runs once per generated token
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:  # the buffer was too small; -n is the size needed
             buf = ctypes.create_string_buffer(-n)
