@@ -31,6 +31,8 @@ def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None
                    f"(default: {d.context_length})")  # fmt: skip
     p.add_argument("--threads", type=int, help="generation threads (default: 0 = usable CPUs)")
     p.add_argument("--threads-batch", type=int, help="prompt threads (default: 0 = usable CPUs)")
+    p.add_argument("--cpu-variant", help="ggml CPU backend variant, e.g. haswell (default: auto, "
+                   "the best this CPU can run; `edge-llm doctor` lists them)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help=f"prompt batch (default: {d.batch_size})")
     p.add_argument("--queue-depth", type=int, help=f"requests that may wait (default: "
                    f"{d.queue_depth})")  # fmt: skip

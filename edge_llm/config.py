@@ -28,6 +28,8 @@ class Config:
     # 0: pick from the CPUs this process may use.
     threads: int = 0
     threads_batch: int = 0
+    # The ggml CPU backend variant ("haswell", "zen4", ...); auto: the best this CPU can run.
+    cpu_variant: str = "auto"
     # Prompt tokens processed per llama_decode call; also the granularity of cancellation
     # during prompt processing.
     batch_size: int = 256

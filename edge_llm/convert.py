@@ -211,6 +211,8 @@ def info_to_pb(
             system_info=runtime.system_info,
             board=runtime.board,
             threads_reason=runtime.threads_reason,
+            cpu_variant=runtime.cpu_variant,
+            cpu_variant_reason=runtime.cpu_variant_reason,
         ),
         limits=limits.to_pb(),
         memory=pb.MemoryPlan(

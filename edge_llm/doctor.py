@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from edge_llm import hardware, memory, models
+from edge_llm import backend, hardware, memory, models
 from edge_llm.config import Config
 from edge_llm.engine import ModelLoadError, cpu_features_used, system_info
 from edge_llm.server import plan_resources
@@ -27,15 +27,20 @@ def report(config: Config) -> dict[str, Any]:
             "mem_limit_bytes": board.mem_limit,
             "features": sorted(board.features),
         },
-        # One build, compiled for this CPU (GGML_NATIVE): there is no variant to choose yet.
-        "cpu_backend": {"build": "native", "uses": list(cpu_features_used(system_info()))},
         "model": {"path": str(path)},
         "warnings": list(board.warnings),
     }
     try:
+        cpu = backend.load(config.cpu_variant)
+        out["cpu_backend"] = {
+            "variant": cpu.variant,
+            "why": cpu.why,
+            "scores": cpu.scores,
+            "uses": list(cpu_features_used(system_info())),
+        }
         models.check_gguf(path, config.model)
         plan = plan_resources(config, path)
-    except (models.ModelError, ModelLoadError, memory.MemoryPlanError) as e:
+    except (backend.BackendError, models.ModelError, ModelLoadError, memory.MemoryPlanError) as e:
         out["warnings"].append(str(e))
     else:
         m, s = plan.memory, plan.settings
@@ -76,7 +81,9 @@ def main(config: Config, as_json: bool) -> int:
           f"cgroup limit {limit}")  # fmt: skip
     if t := r.get("threads"):
         print(f"threads   {t['generation']} generation, {t['prompt']} prompt ({t['why']})")
-    print(f"backend   {r['cpu_backend']['build']} build using {' '.join(r['cpu_backend']['uses'])}")
+    if c := r.get("cpu_backend"):
+        print(f"backend   {c['variant']} ({c['why']})")
+        print(f"          uses {' '.join(c['uses'])}")
     print(f"model     {r['model']['path']}")
     if "memory" in r:
         print(f"plan      {r['memory']['summary']}")

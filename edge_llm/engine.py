@@ -19,6 +19,7 @@ import llama_cpp
 from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from edge_llm import backend
 from edge_llm.memory import ModelShape
 from edge_llm.textstream import TextStream
 from edge_llm.types import (
@@ -56,6 +57,7 @@ class Engine:
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         self.path = path
         self.settings = settings
+        backend.load()  # no-op when the server already loaded its choice
         try:
             # The library prints its own load log through stderr; keep it for debug level only.
             self._llm = llama_cpp.Llama(
@@ -230,6 +232,7 @@ class Engine:
 
 def read_shape(path: Path) -> ModelShape:
     """The model's dimensions from its GGUF metadata (a vocabulary-only load: no weights)."""
+    backend.load()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     try:

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_llm import hardware, memory, models
+from edge_llm import backend, hardware, memory, models
 from edge_llm.admission import Job, Scheduler
 from edge_llm.config import Config
 from edge_llm.convert import Limits
@@ -90,6 +90,7 @@ class Server:
                 plan.memory.requested_context,
                 plan.memory.context_length,
             )
+        log.info("cpu backend: %s (%s)", plan.cpu.variant, plan.cpu.why)
         log.info("board: %s; threads: %d generation, %d prompt (%s)", plan.board.model,
                  plan.settings.threads, plan.settings.threads_batch, plan.threads_why)  # fmt: skip
         log.info("memory plan: %s", plan.memory.describe())
@@ -109,6 +110,8 @@ class Server:
             system_info=info,
             board=plan.board.model,
             threads_reason=plan.threads_why,
+            cpu_variant=plan.cpu.variant,
+            cpu_variant_reason=plan.cpu.why,
             versions={
                 "llama_cpp_python": version("llama-cpp-python"),
                 "grpcio": grpc.__version__,
@@ -147,13 +150,18 @@ class ResourcePlan:
     """What the service decides about the board before it loads the model (also `doctor`)."""
 
     board: hardware.Board
+    cpu: backend.CpuBackend
     settings: EngineSettings
     threads_why: str
     memory: memory.MemoryPlan
 
 
 def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
-    """Threads from the board, the context from the memory budget; configured values win."""
+    """CPU variant and threads from the board, the context from the memory budget.
+
+    Configured values win. Loads the CPU backend: llama.cpp can read no model before that.
+    """
+    cpu = backend.load(config.cpu_variant)
     board = hardware.detect()
     threads = hardware.plan_threads(board)
     plan = memory.plan(
@@ -169,7 +177,7 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
         threads_batch=config.threads_batch or threads.prompt,
     )
     why = "configured" if config.threads or config.threads_batch else threads.why
-    return ResourcePlan(board, settings, why, plan)
+    return ResourcePlan(board, cpu, settings, why, plan)
 
 
 def _warm_up(engine: Engine, scheduler: Scheduler) -> None:

@@ -102,6 +102,8 @@ class RuntimeInfo:
     system_info: str
     board: str = ""
     threads_reason: str = ""
+    cpu_variant: str = ""
+    cpu_variant_reason: str = ""
     versions: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,6 +1,7 @@
 """Prompt and decode tokens/s of the default model for 1..N threads, llama-cpp-python direct.
 
 Usage: .venv/bin/python scripts/bench_threads.py [--model NAME|PATH] [--rounds 3]
+       [--cpu-variant auto|haswell|...]
 Each thread count runs the same 256-token prompt and 64 greedy tokens; medians of the rounds.
 """
 
@@ -13,7 +14,7 @@ import time
 
 import llama_cpp
 
-from edge_llm import hardware, models
+from edge_llm import backend, hardware, models
 
 
 def measure(llm: llama_cpp.Llama, prompt: list[int], n: int) -> tuple[float, float]:
@@ -32,11 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="default")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-variant", default="auto", help="ggml CPU variant to load")
     args = parser.parse_args()
     path = models.resolve(args.model)
+    cpu = backend.load(args.cpu_variant)
     board = hardware.detect()
     cpus = len(os.sched_getaffinity(0))
-    print(f"{path.name} on {board.model}, {cpus} CPUs; edge-llm picks "
+    print(f"{path.name} on {board.model} ({cpu.variant} variant), {cpus} CPUs; edge-llm picks "
           f"{hardware.plan_threads(board)}")  # fmt: skip
     print("| threads | prompt tokens/s | decode tokens/s |\n|---|---|---|")
     for threads in range(1, cpus + 1):

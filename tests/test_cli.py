@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,23 +67,30 @@ def test_serve_becomes_healthy_and_stops_on_sigterm(tiny_model: Path) -> None:
     proc = subprocess.Popen([*CLI, "serve", "--model", str(tiny_model), "--port", "0",
                              "--log-level", "info"],
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    port = None
     try:
-        port = None
         deadline = time.monotonic() + 60
-        lines = []
         while port is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
             lines.append(line)
             if "listening on" in line:
                 port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
         assert port, "".join(lines)
+        # Keep reading its log, as journald would: a full pipe would block the server.
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(),
                                                          timeout=60)  # fmt: skip
             assert any(r.status == health_pb2.HealthCheckResponse.SERVING for r in watch)
+            watch.cancel()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        try:
+            assert proc.wait(timeout=30) == 0
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("no exit 30 s after SIGTERM; its log:\n" + "".join(lines))
 
 
 def test_generate_streams_to_stdout(server) -> None:
@@ -138,10 +145,13 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
     import pty
     import select
 
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: edge-llm chat on the pty
-        os.execv(sys.executable, [*CLI, "chat", "--address", f"127.0.0.1:{server.port}",
-                                  "--max-tokens", "1000"])  # fmt: skip
+    # setsid --ctty makes the pty the chat's controlling terminal, so Ctrl-C on it is SIGINT.
+    # (Not pty.fork(): forking this multi-threaded, gRPC-using process is unsafe.)
+    fd, tty = pty.openpty()
+    proc = subprocess.Popen(["setsid", "--ctty", *CLI, "chat", "--address",
+                             f"127.0.0.1:{server.port}", "--max-tokens", "1000"],
+                            stdin=tty, stdout=tty, stderr=tty, start_new_session=True)  # fmt: skip
+    os.close(tty)
     out = b""
 
     def read_until(needle: bytes, timeout: float = 30, count: int = 1) -> None:
@@ -167,12 +177,10 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
         os.write(fd, b"Hi\r")
         read_until(b"> ", timeout=30, count=3)  # answered, and prompting again
         os.write(fd, b"\x04")  # Ctrl-D quits
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert proc.wait(timeout=30) == 0
     finally:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        proc.kill()
+        proc.wait()
         os.close(fd)
 
 

@@ -11,6 +11,7 @@ import llama_cpp
 import pytest
 from helpers import start_server
 
+from edge_llm import backend
 from edge_llm.server import Server
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
@@ -30,6 +31,7 @@ def collect(stub: pb_grpc.EdgeLLMStub, **fields: object) -> tuple[list[str], pb.
 @pytest.fixture(scope="module")
 def direct(tiny_model: Path) -> llama_cpp.Llama:
     """llama-cpp-python on its own, with the server's settings: the reference."""
+    backend.load()
     return llama_cpp.Llama(str(tiny_model), n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=2,
                            verbose=False)  # fmt: skip
 
