@@ -35,6 +35,7 @@ def report(config: Config) -> dict[str, Any]:
         out["cpu_backend"] = {
             "variant": cpu.variant,
             "why": cpu.why,
+            "expected_from_cpu_flags": hardware.expected_variant(board),
             "scores": cpu.scores,
             "uses": list(cpu_features_used(system_info())),
         }

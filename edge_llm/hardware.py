@@ -34,6 +34,41 @@ ARM_PARTS = {
 }
 
 
+# ggml's CPU backend variants (GGML_CPU_ALL_VARIANTS, ggml/src/CMakeLists.txt), oldest first,
+# with the /proc/cpuinfo flags each needs. Kept to explain and test the choice on recorded
+# boards; on the live board ggml's own ggml_backend_score() decides (backend.py).
+X86_VARIANTS = {
+    "x64": (),
+    "sse42": ("sse4_2",),
+    "sandybridge": ("sse4_2", "avx"),
+    "ivybridge": ("sse4_2", "avx", "f16c"),
+    "piledriver": ("sse4_2", "avx", "f16c", "fma"),
+    "haswell": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"),
+    "skylakex": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f"),
+    "cannonlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi"),
+    "cascadelake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512_vnni"),
+    "icelake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
+                "avx512_vnni"),
+    "cooperlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512_vnni",
+                   "avx512_bf16"),
+    "zen4": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
+             "avx512_vnni", "avx512_bf16"),
+    "alderlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni"),
+    "sapphirerapids": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
+                       "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
+}  # fmt: skip
+ARM_VARIANTS = {
+    "armv8.0_1": (),
+    "armv8.2_1": ("asimddp",),
+    "armv8.2_2": ("asimddp", "asimdhp"),
+    "armv8.2_3": ("asimddp", "asimdhp", "sve"),
+    "armv8.6_1": ("asimddp", "asimdhp", "sve", "i8mm"),
+    "armv8.6_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2"),
+    "armv9.2_1": ("asimddp", "asimdhp", "sve", "i8mm", "sme"),
+    "armv9.2_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2", "sme"),
+}
+
+
 @dataclass(frozen=True)
 class Cpu:
     id: int
@@ -65,6 +100,15 @@ class Threads:
     generation: int
     prompt: int
     why: str
+
+
+def expected_variant(board: Board) -> str | None:
+    """The ggml CPU variant this board's flags call for: the one needing the most of them."""
+    table = X86_VARIANTS if board.arch == "x86_64" else ARM_VARIANTS
+    if board.arch not in ("x86_64", "aarch64"):
+        return None
+    runnable = [name for name, needs in table.items() if set(needs) <= board.features]
+    return max(runnable, key=lambda name: len(table[name]))
 
 
 def plan_threads(board: Board) -> Threads:

@@ -91,3 +91,44 @@ def test_board_warnings() -> None:
     assert any("swap is on" in w for w in board("raspberry-pi-4").warnings)
     assert any("'powersave'" in w for w in board("rk3588-orange-pi-5").warnings)
     assert board("epyc-zen5-2core").warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [
+        ("raspberry-pi-4", "armv8.0_1"),  # Cortex-A72: no dot product, no fp16 arithmetic
+        ("raspberry-pi-5", "armv8.2_2"),  # Cortex-A76: dotprod + fp16
+        ("rk3588-orange-pi-5", "armv8.2_2"),
+        ("intel-i5-8250u", "haswell"),  # AVX2, FMA, F16C, BMI2; no AVX-512
+        ("epyc-zen5-2core", "zen4"),  # AVX-512 with VBMI, VNNI and BF16
+    ],
+)
+def test_expected_cpu_variant(name: str, variant: str) -> None:
+    assert hardware.expected_variant(board(name)) == variant
+
+
+def test_ggml_chooses_what_the_cpu_flags_call_for() -> None:
+    from edge_llm import backend
+
+    if not backend.variants():
+        pytest.skip("a one-variant (native) build")
+    assert backend.load().variant == hardware.expected_variant(hardware.detect())
+
+
+@pytest.mark.parametrize(
+    ("name", "context"),
+    [
+        ("raspberry-pi-4", 32768),  # 1.8 GiB memory.high: the whole trained context fits
+        ("rk3588-orange-pi-5", 32768),
+        ("intel-i5-8250u", 32768),
+    ],
+)
+def test_memory_plan_for_the_default_model(name: str, context: int) -> None:
+    from test_memory import QWEN
+
+    from edge_llm import memory
+
+    b = board(name)
+    plan = memory.plan(QWEN, 32768, 256, memory.budget(b.mem_limit))
+    assert plan.context_length == context
+    assert plan.total <= memory.budget(b.mem_limit)
