@@ -15,6 +15,7 @@ MIB = memory.MIB
 
 def report(config: Config) -> dict[str, Any]:
     board = hardware.detect()
+    threads = hardware.plan_threads(board)
     path = models.resolve(config.model)
     out: dict[str, Any] = {
         "board": {
@@ -26,6 +27,11 @@ def report(config: Config) -> dict[str, Any]:
             "mem_available_bytes": board.mem_available,
             "mem_limit_bytes": board.mem_limit,
             "features": sorted(board.features),
+        },
+        "threads": {
+            "generation": threads.generation,
+            "prompt": threads.prompt,
+            "why": threads.why,
         },
         "model": {"path": str(path)},
         "warnings": list(board.warnings),
@@ -45,6 +51,7 @@ def report(config: Config) -> dict[str, Any]:
         out["warnings"].append(str(e))
     else:
         m, s = plan.memory, plan.settings
+        # What serve will use: configured values win over the board's.
         out["threads"] = {"generation": s.threads, "prompt": s.threads_batch,
                           "why": plan.threads_why}  # fmt: skip
         out["memory"] = {
