@@ -79,7 +79,6 @@ class Scheduler:
         self._closed = False
         self.running: Job | None = None
         self.recent: deque[Job] = deque(maxlen=64)  # jobs that reached the engine, newest last
-        self.served = 0
         self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
 
     def start(self) -> None:
@@ -167,7 +166,6 @@ class Scheduler:
         stats = job.stats
         reason = stats.finish_reason or FinishReason.CANCELLED
         job.outbox.put(Chunk("", finish_reason=reason, usage=_usage(stats), timings=_timings(job)))
-        self.served += 1
         log.info(
             "request %d finished: %s, %d prompt + %d completion tokens",
             job.id,

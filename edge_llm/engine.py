@@ -74,6 +74,11 @@ class Engine:
             raise ModelLoadError.of(path, e) from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._piece_buf = ctypes.create_string_buffer(64)
+        # Recurrent and hybrid models keep a state that cannot be cut back to a prefix.
+        model = self._llm.model
+        self._prefix_reusable = not (
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
         self._formatter = self._chat_formatter()
         self.info = self._model_info()
 
@@ -148,10 +153,8 @@ class Engine:
         # cancelled request stops at the next batch boundary. At least the last prompt token is
         # processed again: its logits are what the first answer token is sampled from.
         reused = min(_common_prefix(llm.input_ids[: llm.n_tokens], prompt), len(prompt) - 1)
-        if llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(
-            llm.model
-        ):
-            reused = 0  # their state cannot be cut back to a prefix
+        if not self._prefix_reusable:
+            reused = 0
             llm.reset()
         llm.n_tokens = reused  # eval() drops the KV cells past n_tokens
         stats.prompt_tokens_reused = reused
@@ -277,10 +280,6 @@ def cpu_features_used(info: str) -> tuple[str, ...]:
         if name and value.strip() == "1":
             features.append(name)
     return tuple(features)
-
-
-def library_version() -> str:
-    return llama_cpp.__version__
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
