@@ -4,6 +4,9 @@ gRPC handler threads submit jobs and read their chunks; the worker takes jobs on
 full queue refuses at once (the caller gets RESOURCE_EXHAUSTED) instead of letting waits grow
 without bound. A job cancelled while it waits leaves the queue and never reaches the engine; a
 job cancelled while it runs stops at the engine's next check (one token, or one prompt batch).
+
+Those checks double as the worker's heartbeat: a worker that has a job but has not checked in
+for a while is wedged, and the systemd watchdog stops vouching for it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Job:
     prompt: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
     id: int = field(default_factory=lambda: next(_ids))
+    peer: str = ""
     received_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     # Set by the RPC-done callback (client cancelled, went away, or passed its deadline).
@@ -58,6 +62,8 @@ class Job:
     # stops within one token of it).
     tokens_at_cancel: int | None = None
     outbox: queue.SimpleQueue[Chunk | BaseException] = field(default_factory=queue.SimpleQueue)
+    # Why the server cancelled it (shutdown), for the last message; empty if the client did.
+    notice: str = ""
 
     def chunks(self) -> Iterator[Chunk]:
         """What the engine produces, as it produces it; the last chunk has finish_reason."""
@@ -76,9 +82,12 @@ class Scheduler:
         self.queue_depth = queue_depth
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
+        self._accepting = True
         self._closed = False
         self.running: Job | None = None
         self.recent: deque[Job] = deque(maxlen=64)  # jobs that reached the engine, newest last
+        self.served = 0  # jobs the engine finished, cancelled ones included
+        self._heartbeat = time.monotonic()  # the running job's last check-in
         self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
 
     def start(self) -> None:
@@ -86,7 +95,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._closed:
+            if not self._accepting:
                 raise NotReadyError("the server is shutting down; retry on another instance")
             if len(self._waiting) >= self.queue_depth:
                 raise QueueFullError(
@@ -115,19 +124,45 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
-    def close(self) -> None:
+    def stalled_for(self) -> float:
+        """Seconds the running job has gone without checking in; 0 when idle, inf if dead."""
+        if not self._thread.is_alive():
+            return float("inf")
+        with self._cond:
+            return 0.0 if self.running is None else time.monotonic() - self._heartbeat
+
+    def refuse_new(self) -> None:
+        """From now on submit() raises NotReadyError: the server is going away."""
+        with self._cond:
+            self._accepting = False
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new jobs and let the accepted ones finish; False if some were still there."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._accepting = False
+            while self._waiting or self.running is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, notice: str = "") -> None:
         """Refuse new jobs, cancel the waiting ones, and wait for the worker to leave the engine.
 
         The running job is cancelled too, so the worker stops within one token or prompt batch;
-        only then may the engine be freed.
+        only then may the engine be freed. `notice` goes in each cancelled job's last message.
         """
         with self._cond:
+            self._accepting = False
             self._closed = True
             for job in self._waiting:
                 job.cancelled.set()
-                job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
+                job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED, notice=notice))
             self._waiting.clear()
             if self.running is not None:
+                self.running.notice = notice
                 self.running.cancelled.set()
             self._cond.notify_all()
         if self._thread.is_alive():
@@ -141,6 +176,7 @@ class Scheduler:
                 return None
             job = self._waiting.popleft()
             self.running = job
+            self._heartbeat = time.monotonic()
             return job
 
     def _work(self) -> None:
@@ -150,29 +186,57 @@ class Scheduler:
             finally:
                 with self._cond:
                     self.running = None
+                    self._cond.notify_all()  # drain() waits for this
+
+    def _check_in(self, job: Job) -> bool:
+        """The engine's cancel check, between prompt batches and tokens: also the heartbeat."""
+        self._heartbeat = time.monotonic()
+        return job.cancelled.is_set()
 
     def _run(self, job: Job) -> None:
         job.started_at = time.monotonic()
         self.recent.append(job)
         try:
             for text in self._engine.generate(
-                job.prompt, job.request, job.cancelled.is_set, job.stats
+                job.prompt, job.request, lambda: self._check_in(job), job.stats
             ):
                 job.outbox.put(Chunk(text))
         except Exception as e:  # the handler turns it into a gRPC status
-            log.exception("request %d failed in the engine", job.id)
+            log.exception("request %d failed in the engine", job.id, extra={"REQUEST_ID": job.id})
+            self.served += 1
             job.outbox.put(e)
             return
         stats = job.stats
         reason = stats.finish_reason or FinishReason.CANCELLED
-        job.outbox.put(Chunk("", finish_reason=reason, usage=_usage(stats), timings=_timings(job)))
-        log.info(
-            "request %d finished: %s, %d prompt + %d completion tokens",
-            job.id,
-            reason.value,
-            stats.prompt_tokens,
-            stats.completion_tokens,
-        )
+        timings = _timings(job)
+        notice = job.notice if reason is FinishReason.CANCELLED else ""
+        self.served += 1  # before the last chunk: whoever reads it sees the count include it
+        job.outbox.put(Chunk("", reason, _usage(stats), timings, notice))
+        _log_finished(job, reason, timings)
+
+
+def _log_finished(job: Job, reason: FinishReason, t: Timings) -> None:
+    """One line per request; under systemd its numbers are also journal fields."""
+    stats = job.stats
+    log.info(
+        "request %d finished: %s, %d prompt tokens (%d reused) + %d completion tokens; queue "
+        "%.0f ms, first token %.0f ms, %.1f tokens/s, total %.0f ms",
+        job.id, reason.value, stats.prompt_tokens, stats.prompt_tokens_reused,
+        stats.completion_tokens, t.queue_ms, t.time_to_first_token_ms,
+        t.decode_tokens_per_second, t.total_ms,
+        extra={
+            "REQUEST_ID": job.id,
+            "PEER": job.peer,
+            "FINISH_REASON": reason.value,
+            "PROMPT_TOKENS": stats.prompt_tokens,
+            "PROMPT_TOKENS_REUSED": stats.prompt_tokens_reused,
+            "COMPLETION_TOKENS": stats.completion_tokens,
+            "QUEUE_MS": round(t.queue_ms),
+            "TIME_TO_FIRST_TOKEN_MS": round(t.time_to_first_token_ms),
+            "DECODE_TOKENS_PER_SECOND": round(t.decode_tokens_per_second, 1),
+            "TOTAL_MS": round(t.total_ms),
+        },
+    )  # fmt: skip
 
 
 def _usage(stats: GenerationStats) -> Usage:

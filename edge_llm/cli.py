@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -42,7 +41,11 @@ def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None
                    f"set it (default: {d.default_max_tokens})")  # fmt: skip
     p.add_argument("--memory-budget-mb", type=int, help="memory to plan for (default: 0 = the "
                    "smaller of 2 GiB and the cgroup limit)")  # fmt: skip
+    p.add_argument("--drain-seconds", type=int, help="on SIGTERM/SIGINT, how long accepted "
+                   f"requests may take to finish (default: {d.drain_seconds})")  # fmt: skip
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-prompts", action="store_true", default=None,
+                   help="put prompt text in the logs (debugging only)")  # fmt: skip
     if name == "doctor":
         p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -116,11 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
         from edge_llm import doctor
 
         return doctor.main(config, args.json)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from edge_llm import server
+    from edge_llm import logs, server
+
+    logs.setup(config.log_level)
 
     return server.run(config)

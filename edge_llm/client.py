@@ -54,6 +54,8 @@ def _stream(stub: pb_grpc.EdgeLLMStub, req: pb.GenerateRequest) -> tuple[str, pb
     except KeyboardInterrupt:
         call.cancel()
         raise
+    if last.notice:
+        print(f"\n[{last.notice}]", file=sys.stderr)
     return "".join(parts), last
 
 

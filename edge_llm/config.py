@@ -39,14 +39,19 @@ class Config:
     memory_budget_mb: int = 0
     max_tokens: int = 2048  # the cap a request may ask for
     default_max_tokens: int = 512  # when a request does not say
+    # On SIGTERM or SIGINT: seconds the requests already accepted get to finish; the rest are
+    # then cut off with a final message saying so. systemd's TimeoutStopSec must be longer.
+    drain_seconds: int = 30
     log_level: str = "info"
+    # Put prompt text in the logs (debugging only: prompts are the users' words).
+    log_prompts: bool = False
 
     def __post_init__(self) -> None:
         positive = ("context_length", "batch_size", "queue_depth", "max_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("threads", "threads_batch", "memory_budget_mb"):
+        for name in ("threads", "threads_batch", "memory_budget_mb", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if not 0 < self.default_max_tokens <= self.max_tokens:
@@ -70,7 +75,16 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _coerce(name: str, kind: type, value: Any, source: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in _BOOLS:
+            raise ConfigError(f"{name} in {source} must be true or false, got {value!r}")
+        return _BOOLS[str(value).lower()]
     if kind is int:
         if isinstance(value, bool):
             raise ConfigError(f"{name} in {source} must be an integer, got {value!r}")
@@ -82,7 +96,8 @@ def _coerce(name: str, kind: type, value: Any, source: str) -> Any:
 
 
 def _types() -> dict[str, type]:
-    return {f.name: (int if f.type in ("int", int) else str) for f in fields(Config)}
+    kinds = {"int": int, "bool": bool}
+    return {f.name: kinds.get(str(f.type), str) for f in fields(Config)}
 
 
 def load_config(

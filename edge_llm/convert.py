@@ -163,7 +163,7 @@ _FINISH = {
 
 
 def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(text=chunk.text)
+    msg = pb.GenerateResponse(text=chunk.text, notice=chunk.notice)
     if chunk.finish_reason is not None:
         msg.finish_reason = _FINISH[chunk.finish_reason]
     if chunk.usage is not None:

@@ -2,15 +2,23 @@
 
 Order matters: the gRPC port opens first with health NOT_SERVING (so a supervisor or a probe
 can watch the load), then the model loads, a warm-up generation runs through the real path,
-and only then does health turn SERVING.
+and only then does health turn SERVING and systemd hear READY=1.
+
+Stopping (SIGTERM, or SIGINT at a shell) drains: health turns NOT_SERVING, new calls are
+refused with UNAVAILABLE, the requests already accepted get `drain_seconds` to finish, and
+whatever is still running then ends with a last message saying the server cut it off; then
+the port closes. A second signal cuts off at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import signal
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -21,12 +29,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_llm import backend, hardware, memory, models
-from edge_llm.admission import Job, Scheduler
+from edge_llm.admission import EngineLike, Job, Scheduler
 from edge_llm.config import Config
 from edge_llm.convert import Limits
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.service import EdgeLLMService, Loaded
-from edge_llm.types import GenerateRequest, RuntimeInfo, Sampling
+from edge_llm.systemd import Notifier, Watchdog
+from edge_llm.types import GenerateRequest, GenerationStats, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -34,11 +43,14 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeLLM"].full_name  # "edge_llm.v1.EdgeLLM"
 _SPARE_HANDLER_THREADS = 8  # health checks, GetInfo, and refusing calls beyond the queue
+_FLUSH_SECONDS = 3.0  # for cut-off streams to send their last message
+_FAULT_ENV = "EDGE_LLM_TEST_FAULT"  # test-only: "wedge-worker" hangs the worker after warm-up
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier()
         self.model_path = models.resolve(config.model)
         models.check_gguf(self.model_path, config.model)  # fail before opening the port
         self.limits = Limits(
@@ -47,12 +59,15 @@ class Server:
             default_max_tokens=config.default_max_tokens,
             queue_depth=config.queue_depth,
         )
-        self.service = EdgeLLMService(self.limits)
+        self.service = EdgeLLMService(self.limits, config.log_prompts)
         self.health = health.HealthServicer()
         self.port = 0
         self._grpc: grpc.Server | None = None
         self._scheduler: Scheduler | None = None
         self._engine: Engine | None = None
+        self._watchdog: Watchdog | None = None
+        self._stopping = False
+        self._hurry = threading.Event()  # a second signal: cut off now, no more draining
         self.load_error: Exception | None = None
 
     def start(self) -> int:
@@ -98,9 +113,13 @@ class Server:
         self.service.limits = self.limits
         settings = plan.settings
         log.info("loading %s", self.model_path)
+        self.notifier.status(f"loading {self.model_path.name} (cpu {plan.cpu.variant}, "
+                             f"{settings.threads}/{settings.threads_batch} threads, context "
+                             f"{settings.context_length})")  # fmt: skip
         engine = Engine(self.model_path, settings)
         self._engine = engine
-        self._scheduler = Scheduler(engine, self.config.queue_depth)
+        fault = _Wedge(engine) if os.environ.get(_FAULT_ENV) == "wedge-worker" else None
+        self._scheduler = Scheduler(fault or engine, self.config.queue_depth)
         self._scheduler.start()
         info = system_info()
         runtime = RuntimeInfo(
@@ -120,11 +139,38 @@ class Server:
             },
         )
         _warm_up(engine, self._scheduler)
+        self._scheduler.recent.clear()  # the warm-up is not a request served
+        self._scheduler.served = 0
+        if fault is not None:
+            log.warning("%s=wedge-worker: the worker will hang on the next request", _FAULT_ENV)
+            fault.armed = True
         self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info, plan.memory)
         threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
+        if self._stopping:  # a signal came during the load
+            return
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s, %s, %s parameters", engine.info.name, engine.info.quantization,
                  f"{engine.info.parameter_count:,}")  # fmt: skip
+        self.notifier.ready(self.status())
+        self._watchdog = Watchdog(self.notifier, self._scheduler.stalled_for, self.status)
+        self._watchdog.start()
+
+    def status(self) -> str:
+        """One line for `systemctl status`: what is served, how, and how it is going."""
+        loaded, scheduler = self.service.loaded, self._scheduler
+        if loaded is None or scheduler is None:
+            return "loading"
+        r = loaded.runtime
+        recent = [j.stats for j in list(scheduler.recent)[-8:] if j.stats.completion_tokens > 1]
+        tokens = sum(s.completion_tokens - 1 for s in recent)
+        seconds = sum((s.last_token_at or 0) - (s.first_token_at or 0) for s in recent)
+        speed = f"{tokens / seconds:.1f} tokens/s recently" if seconds > 0 else "no answers yet"
+        running = 1 if scheduler.running is not None else 0
+        return (
+            f"serving {loaded.model.name} on {self.config.host}:{self.port}; cpu {r.cpu_variant}, "
+            f"{r.threads}/{r.threads_batch} threads; served {scheduler.served}, {speed}; "
+            f"{running} running, {scheduler.waiting} waiting"
+        )
 
     def _hash_model(self) -> None:
         sha = models.sha256_file(self.model_path)
@@ -135,14 +181,43 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
-    def stop(self, grace: float | None = 5.0) -> None:
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    def stop(self, drain: float | None = None) -> None:
+        """Drain (`drain` seconds, default config.drain_seconds), cut off the rest, stop."""
+        drain = self.config.drain_seconds if drain is None else drain
+        self._stopping = True
+        scheduler = self._scheduler
+        # NOT_SERVING for "" and the service, pushed to Watch streams; later set()s are ignored.
+        self.health.enter_graceful_shutdown()
+        busy = 0 if scheduler is None else scheduler.waiting + (scheduler.running is not None)
+        self.notifier.stopping(f"stopping: {busy} requests get up to {drain:g} s to finish")
+        log.info("stopping: %d requests get up to %g s to finish", busy, drain)
+        # The port stays open while draining, so health checks see NOT_SERVING (and clients
+        # balancing on it move away) while new calls get UNAVAILABLE from the service.
+        self.service.draining = True
+        if scheduler is not None:
+            scheduler.refuse_new()
+            deadline = time.monotonic() + drain
+            while not scheduler.drain(min(0.5, max(0.0, deadline - time.monotonic()))):
+                if self._hurry.is_set() or time.monotonic() >= deadline:
+                    left = scheduler.waiting + (scheduler.running is not None)
+                    log.warning("stopping: cutting off %d unfinished requests", left)
+                    break
+            scheduler.close(
+                notice=f"the server is shutting down and cut this answer off after a {drain:g} s "
+                "grace period; send the request again (to another server, or once it is back)"
+            )
+            self.service.wait_for_streams(_FLUSH_SECONDS)
         if self._grpc is not None:
-            self._grpc.stop(grace).wait()
-        if self._scheduler is not None:
-            self._scheduler.close()
+            self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._engine is not None:
             self._engine.close()
+        log.info("stopped")
+
+    def hurry(self) -> None:
+        """Stop draining: cut off what is still running now."""
+        self._hurry.set()
 
 
 @dataclass(frozen=True)
@@ -191,12 +266,37 @@ def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
         pass
 
 
+class _Wedge:
+    """Test-only fault: once armed, the worker hangs inside the engine, as on a stuck
+    llama_decode, so tests can see the watchdog pings stop."""
+
+    def __init__(self, engine: EngineLike) -> None:
+        self._engine = engine
+        self.armed = False
+
+    def generate(
+        self,
+        prompt: list[int],
+        request: GenerateRequest,
+        cancelled: Callable[[], bool],
+        stats: GenerationStats,
+    ) -> Iterator[str]:
+        if self.armed:
+            threading.Event().wait()
+        return self._engine.generate(prompt, request, cancelled, stats)
+
+
 def run(config: Config) -> int:
     """`edge-llm serve`: run until SIGTERM or SIGINT; return the exit status."""
     server = Server(config)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            name = signal.Signals(signum).name
+            log.warning("%s again: cutting off the requests still running", name)
+            server.hurry()
+            return
         log.info("%s: stopping", signal.Signals(signum).name)
         stopping.set()
 

@@ -79,6 +79,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    notice: str = ""  # why the server ended the answer itself, and what to do
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def main() -> None:
             names = list(sides)[r % 3 :] + list(sides)[: r % 3]
             for k, name in enumerate(names):
                 runs[name].append(sides[name](prompt_for(3 * r + k)))
-    server.stop(grace=None)
+    server.stop(drain=0)
 
     def med(runs: list[Run], field: str) -> float:
         return statistics.median(getattr(r, field) for r in runs)

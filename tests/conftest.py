@@ -26,7 +26,7 @@ def tiny_model() -> Path:
 def server(tiny_model: Path) -> Iterator[Server]:
     srv = start_server(tiny_model)
     yield srv
-    srv.stop(grace=None)
+    srv.stop(drain=0)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from edge_llm.config import Config
@@ -20,3 +28,96 @@ def start_server(model: Path, **overrides: object) -> Server:
     server.start()
     server.load()
     return server
+
+
+class ServeProcess:
+    """`edge-llm serve` in its own process, its log read as journald would (a full pipe would
+    block the server); `port` is known once it listens."""
+
+    def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "edge_llm", "serve", "--model", str(model), "--port", "0",
+               "--context-length", "2048", "--threads", "2", *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})  # fmt: skip
+        self.lines: list[str] = []
+        self._port: int | None = None
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "listening on" in line and self._port is None:
+                self._port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+                self._listening.set()
+        self._listening.set()
+
+    @property
+    def port(self) -> int:
+        if not self._listening.wait(60) or self._port is None:
+            raise AssertionError("the server did not start listening; its log:\n" + self.log)
+        return self._port
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout} s; its log:\n{self.log}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET: it records every
+    message with the time it arrived."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="el-notify-")  # short: sun_path holds 108 bytes
+        self.path = os.path.join(self._dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self._arrived:
+                self.messages.append((time.monotonic(), fields))
+                self._arrived.notify_all()
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 60) -> float:
+        """When the first message with `key` (equal to, or containing, `value`) arrived."""
+
+        def found() -> float | None:
+            for at, fields in self.messages:
+                if key in fields and (value is None or value in fields[key]):
+                    return at
+            return None
+
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {key}={value or '*'} in {timeout} s: {self.messages}")
+            return found()  # type: ignore[return-value]
+
+    def times(self, key: str) -> list[float]:
+        with self._arrived:
+            return [at for at, fields in self.messages if key in fields]
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -164,7 +164,7 @@ def test_cancel_during_prompt_processing_stops_at_a_batch_boundary(server, stub)
 def small_queue_server(tiny_model: Path):
     srv = start_server(tiny_model, queue_depth=1)
     yield srv
-    srv.stop(grace=None)
+    srv.stop(drain=0)
 
 
 def test_full_queue_fails_fast_and_queued_cancel_never_runs(small_queue_server) -> None:

@@ -48,7 +48,7 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warm(tiny_model: Pa
                 health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        server.stop(grace=None)
+        server.stop(drain=0)
 
 
 def test_health_answers_while_a_generation_runs(server, channel, stub) -> None:

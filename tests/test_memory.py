@@ -84,7 +84,7 @@ def test_server_shrinks_the_context_and_reports_the_plan(tiny_model: Path) -> No
         assert mem.total_bytes <= mem.budget_bytes == 400 * MIB
         assert mem.kv_cache_bytes == mem.kv_bytes_per_token * mem.context_length
     finally:
-        server.stop(grace=None)
+        server.stop(drain=0)
 
 
 def test_server_that_cannot_fit_refuses_to_load(tiny_model: Path) -> None:
@@ -96,4 +96,4 @@ def test_server_that_cannot_fit_refuses_to_load(tiny_model: Path) -> None:
         with pytest.raises(memory.MemoryPlanError, match="does not fit in 200 MiB"):
             server.load()
     finally:
-        server.stop(grace=None)
+        server.stop(drain=0)

@@ -1,0 +1,113 @@
+"""systemd integration: sd_notify (READY, STATUS, WATCHDOG, STOPPING) through systemd-python.
+
+Without NOTIFY_SOCKET (not under systemd, or a unit that is not Type=notify) every call is a
+no-op, so the service runs the same from a shell.
+
+The watchdog is only fed while the inference worker is alive and making progress: a worker
+stuck inside llama.cpp stops the pings, and systemd kills and restarts the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY = 5.0  # seconds between STATUS= updates when there is no watchdog to pace them
+
+
+class Notifier:
+    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+        self.watchdog_seconds = _watchdog_seconds(env)
+        self._notify: Callable[[str], object] | None = None
+        if env.get("NOTIFY_SOCKET"):
+            try:
+                from systemd import daemon
+            except ImportError:
+                log.warning(
+                    "NOTIFY_SOCKET is set but systemd-python is not installed: systemd will "
+                    "not learn that the service is ready; install edge-llm[systemd]"
+                )
+            else:
+                self._notify = daemon.notify
+
+    def ready(self, status: str) -> None:
+        self._send(f"READY=1\nSTATUS={status}")
+
+    def status(self, status: str) -> None:
+        self._send(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self._send(f"STOPPING=1\nSTATUS={status}")
+
+    def watchdog(self) -> None:
+        self._send("WATCHDOG=1")
+
+    def _send(self, state: str) -> None:
+        if self._notify is not None:
+            self._notify(state)
+
+
+def _watchdog_seconds(env: Mapping[str, str]) -> float:
+    """WATCHDOG_USEC in seconds if the watchdog is meant for this process, else 0."""
+    try:
+        usec = int(env.get("WATCHDOG_USEC", "0"))
+        pid = int(env.get("WATCHDOG_PID", "0"))
+    except ValueError:
+        return 0.0
+    if usec <= 0 or (pid and pid != os.getpid()):
+        return 0.0
+    return usec / 1e6
+
+
+class Watchdog:
+    """A thread that feeds the watchdog at half its timeout while the worker is healthy, and
+    keeps the STATUS= line `systemctl status` shows up to date.
+
+    `stalled_for()` is how long the inference worker has gone without progress (inf if it
+    died). A stall as long as the watchdog timeout stops the pings; if the worker comes back
+    before systemd acts, they resume.
+    """
+
+    def __init__(
+        self, notifier: Notifier, stalled_for: Callable[[], float], status: Callable[[], str]
+    ) -> None:
+        self._notifier = notifier
+        self._stalled_for = stalled_for
+        self._status = status
+        timeout = notifier.watchdog_seconds
+        self._tick = timeout / 2 if timeout else STATUS_EVERY
+        self._stall_limit = timeout or 60.0  # without a watchdog: only reported in STATUS
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        last_status, stalled_before = "", False
+        while True:
+            stalled = self._stalled_for()
+            if stalled >= self._stall_limit:
+                status = f"inference worker stalled for {stalled:.0f} s: watchdog pings stopped"
+                if not stalled_before:
+                    log.error("%s; systemd will restart the service", status)
+                stalled_before = True
+            else:
+                if stalled_before:
+                    log.warning("inference worker made progress again: watchdog pings resume")
+                stalled_before = False
+                status = self._status()
+                if self._notifier.watchdog_seconds:
+                    self._notifier.watchdog()
+            if status != last_status:
+                self._notifier.status(status)
+                last_status = status
+            if self._stop.wait(self._tick):
+                return

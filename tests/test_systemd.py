@@ -1,0 +1,201 @@
+"""Under systemd: READY after the load, the watchdog, and a graceful stop.
+
+Each test runs `edge-llm serve` as its own process with a real AF_UNIX datagram socket as
+NOTIFY_SOCKET, as systemd would, and talks to it over gRPC on a loopback port.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import NotifySocket, ServeProcess
+
+from edge_llm.systemd import Notifier
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.close()
+
+
+def serve(model: Path, notify: NotifySocket, *args: str, **env: str) -> ServeProcess:
+    return ServeProcess(model, *args, env={"NOTIFY_SOCKET": notify.path, **env})
+
+
+def story(max_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt="Once upon a time", max_tokens=max_tokens, temperature=0,
+                              ignore_eos=True)  # fmt: skip
+
+
+def collect(call: Iterator[pb.GenerateResponse]) -> tuple[str, pb.GenerateResponse]:
+    parts, last = [], pb.GenerateResponse()
+    for msg in call:
+        parts.append(msg.text)
+        last = msg
+    return "".join(parts), last
+
+
+def test_ready_only_after_load_and_warm_up_then_status_and_watchdog(
+    tiny_model: Path, notify: NotifySocket
+) -> None:
+    server = serve(tiny_model, notify, WATCHDOG_USEC="1000000")
+    try:
+        ready_at = notify.wait_for("READY", "1")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            # The moment systemd hears READY=1, the service really is ready.
+            check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert check.status == SERVING
+            _, last = collect(pb_grpc.EdgeLLMStub(ch).Generate(story(8)))
+            assert last.usage.completion_tokens == 8
+        before = [f for at, f in notify.messages if at < ready_at]
+        assert before and all("READY" not in f for f in before)
+        assert "loading smollm2-135m-instruct-q4_1.gguf (cpu " in before[0]["STATUS"]
+        ready = next(f for at, f in notify.messages if at == ready_at)
+        assert "serving" in ready["STATUS"] and "served 0," in ready["STATUS"]
+        assert "threads" in ready["STATUS"] and "cpu " in ready["STATUS"]
+
+        # STATUS follows what happens; pings come every half WATCHDOG_USEC.
+        notify.wait_for("STATUS", "served 1,", timeout=5)
+        time.sleep(3)
+        pings = [t for t in notify.times("WATCHDOG") if t > ready_at]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert len(pings) >= 5, pings
+        assert all(0.3 < g < 0.8 for g in gaps), gaps
+        notify.wait_for("STATUS", "tokens/s recently", timeout=1)
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+
+
+def test_watchdog_pings_stop_when_the_worker_is_wedged(
+    tiny_model: Path, notify: NotifySocket
+) -> None:
+    server = serve(tiny_model, notify, WATCHDOG_USEC="1000000",
+                   EDGE_LLM_TEST_FAULT="wedge-worker")  # fmt: skip
+    try:
+        ready_at = notify.wait_for("READY", "1")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            time.sleep(1.5)
+            assert len(notify.times("WATCHDOG")) >= 2  # a healthy worker is vouched for
+            call = stub.Generate(story(8), timeout=30)  # hangs the worker (test-only fault)
+            stalled_at = notify.wait_for("STATUS", "stalled", timeout=10)
+            time.sleep(2.5)
+            after = [t for t in notify.times("WATCHDOG") if t > stalled_at]
+            assert after == [], "pings went on for a wedged worker"
+            assert stalled_at - ready_at > 1.5
+            assert "watchdog pings stopped" in server.log
+            call.cancel()
+    finally:
+        server.kill()  # what systemd does when the pings stop
+
+
+def test_sigterm_mid_stream_cuts_it_off_after_the_grace_period(
+    tiny_model: Path, notify: NotifySocket
+) -> None:
+    server = serve(tiny_model, notify, "--drain-seconds", "1")
+    try:
+        notify.wait_for("READY", "1")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            reference, _ = collect(stub.Generate(story(600)))
+            parts: list[str] = []
+            call = stub.Generate(story(600))
+            for msg in call:
+                parts.append(msg.text)
+                if len(parts) == 5:
+                    server.proc.send_signal(signal.SIGTERM)
+                    notify.wait_for("STOPPING", "1", timeout=5)
+                    # New calls are refused while the stream goes on; probes see NOT_SERVING.
+                    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as other:
+                        with pytest.raises(grpc.RpcError) as refused:
+                            list(pb_grpc.EdgeLLMStub(other).Generate(story(4), timeout=10))
+                        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                        assert "shutting down" in refused.value.details()
+                        check = health_pb2_grpc.HealthStub(other).Check(
+                            health_pb2.HealthCheckRequest(service="edge_llm.v1.EdgeLLM")
+                        )
+                        assert check.status == NOT_SERVING
+                if msg.finish_reason:
+                    last = msg
+            text = "".join(parts)
+        assert last.finish_reason == pb.FINISH_REASON_CANCELLED
+        assert "shutting down" in last.notice and "send the request again" in last.notice
+        # Nothing streamed was lost or changed: what arrived is the start of the full answer.
+        assert len(parts) >= 5 and reference.startswith(text) and len(text) < len(reference)
+        assert last.usage.completion_tokens < 600
+        assert server.wait(30) == 0
+        assert "cutting off 1 unfinished requests" in server.log
+    finally:
+        server.kill()
+
+
+def test_sigint_lets_accepted_streams_finish_and_exits_promptly(
+    tiny_model: Path, notify: NotifySocket
+) -> None:
+    server = serve(tiny_model, notify, "--drain-seconds", "60")
+    try:
+        notify.wait_for("READY", "1")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            ref_running, _ = collect(stub.Generate(story(300)))
+            ref_queued, _ = collect(stub.Generate(story(40)))
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == SERVING
+            running = stub.Generate(story(300))
+            first = next(running)
+            results: dict[str, tuple[str, pb.GenerateResponse]] = {}
+            queued_call = stub.Generate(story(40))
+            t = threading.Thread(target=lambda: results.update(q=collect(queued_call)))
+            t.start()
+            time.sleep(0.2)  # the second request is in the queue behind the first
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGINT)
+            assert next(watch).status == NOT_SERVING
+            text, last = collect(running)
+            t.join(30)
+        assert first.text + text == ref_running
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH and not last.notice
+        assert results["q"][0] == ref_queued
+        assert results["q"][1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert server.wait(30) == 0
+        # Done as soon as the work was: the open health Watch did not hold the stop for 60 s.
+        assert time.monotonic() - signalled < 20
+        notify.wait_for("STOPPING", "1", timeout=1)
+    finally:
+        server.kill()
+
+
+def test_notifier_is_a_no_op_without_systemd() -> None:
+    notifier = Notifier(env={})
+    notifier.ready("x")  # nothing to send to, nothing raised
+    assert notifier.watchdog_seconds == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 30.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 30.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, 0.0),  # meant for another process
+        ({"WATCHDOG_USEC": "junk"}, 0.0),
+    ],
+)
+def test_watchdog_timeout_from_the_environment(env: dict[str, str], seconds: float) -> None:
+    assert Notifier(env=env).watchdog_seconds == seconds
