@@ -152,8 +152,14 @@ class Server:
         log.info("ready: %s, %s, %s parameters", engine.info.name, engine.info.quantization,
                  f"{engine.info.parameter_count:,}")  # fmt: skip
         self.notifier.ready(self.status())
-        self._watchdog = Watchdog(self.notifier, self._scheduler.stalled_for, self.status)
+        self._watchdog = Watchdog(
+            self.notifier, self._scheduler.stalled_for, self.status, self._worker_stalled
+        )
         self._watchdog.start()
+
+    def _worker_stalled(self, stalled: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        self._set_health(status.NOT_SERVING if stalled else status.SERVING)
 
     def status(self) -> str:
         """One line for `systemctl status`: what is served, how, and how it is going."""

@@ -68,16 +68,22 @@ class Watchdog:
     keeps the STATUS= line `systemctl status` shows up to date.
 
     `stalled_for()` is how long the inference worker has gone without progress (inf if it
-    died). A stall as long as the watchdog timeout stops the pings; if the worker comes back
-    before systemd acts, they resume.
+    died). A stall as long as the watchdog timeout (60 s without one) stops the pings and
+    calls `on_stall(True)` (health turns NOT_SERVING, for supervisors without a watchdog, such
+    as a Kubernetes liveness probe); if the worker comes back first, both resume.
     """
 
     def __init__(
-        self, notifier: Notifier, stalled_for: Callable[[], float], status: Callable[[], str]
+        self,
+        notifier: Notifier,
+        stalled_for: Callable[[], float],
+        status: Callable[[], str],
+        on_stall: Callable[[bool], None],
     ) -> None:
         self._notifier = notifier
         self._stalled_for = stalled_for
         self._status = status
+        self._on_stall = on_stall
         timeout = notifier.watchdog_seconds
         self._tick = timeout / 2 if timeout else STATUS_EVERY
         self._stall_limit = timeout or 60.0  # without a watchdog: only reported in STATUS
@@ -97,11 +103,13 @@ class Watchdog:
             if stalled >= self._stall_limit:
                 status = f"inference worker stalled for {stalled:.0f} s: watchdog pings stopped"
                 if not stalled_before:
-                    log.error("%s; systemd will restart the service", status)
+                    log.error("%s; health NOT_SERVING, systemd will restart the service", status)
+                    self._on_stall(True)
                 stalled_before = True
             else:
                 if stalled_before:
                     log.warning("inference worker made progress again: watchdog pings resume")
+                    self._on_stall(False)
                 stalled_before = False
                 status = self._status()
                 if self._notifier.watchdog_seconds:

@@ -101,6 +101,9 @@ def test_watchdog_pings_stop_when_the_worker_is_wedged(
             assert after == [], "pings went on for a wedged worker"
             assert stalled_at - ready_at > 1.5
             assert "watchdog pings stopped" in server.log
+            # For supervisors without a watchdog (a Kubernetes liveness probe): NOT_SERVING.
+            check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert check.status == NOT_SERVING
             call.cancel()
     finally:
         server.kill()  # what systemd does when the pings stop
