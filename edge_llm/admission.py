@@ -148,11 +148,12 @@ class Scheduler:
                 self._cond.wait(left)
         return True
 
-    def close(self, notice: str = "") -> None:
+    def close(self, notice: str = "", timeout: float | None = None) -> bool:
         """Refuse new jobs, cancel the waiting ones, and wait for the worker to leave the engine.
 
         The running job is cancelled too, so the worker stops within one token or prompt batch;
-        only then may the engine be freed. `notice` goes in each cancelled job's last message.
+        only then may the engine be freed: False if it had not left after `timeout` seconds.
+        `notice` goes in each cancelled job's last message.
         """
         with self._cond:
             self._accepting = False
@@ -161,12 +162,18 @@ class Scheduler:
                 job.cancelled.set()
                 job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED, notice=notice))
             self._waiting.clear()
-            if self.running is not None:
-                self.running.notice = notice
-                self.running.cancelled.set()
+            running = self.running
+            if running is not None:
+                running.notice = notice
+                running.cancelled.set()
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return True
+        if running is not None:  # stuck in the engine: end its stream for it
+            running.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED, notice=notice))
+        return False
 
     def _take(self) -> Job | None:
         with self._cond:

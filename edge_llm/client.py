@@ -27,9 +27,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _describe(e: grpc.RpcError, address: str) -> str:
-    code, details = e.code(), e.details()  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.UNAVAILABLE and "loading" not in (details or ""):
+    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
         return f"no edge-llm server at {address} ({details}); start one with `edge-llm serve`"
+    if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:
+        return f"the server at {address} went away mid-call ({details}); try again"
     return f"{code.name}: {details}"
 
 

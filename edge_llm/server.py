@@ -200,26 +200,34 @@ class Server:
         # The port stays open while draining, so health checks see NOT_SERVING (and clients
         # balancing on it move away) while new calls get UNAVAILABLE from the service.
         self.service.draining = True
+        engine_free = True
         if scheduler is not None:
-            scheduler.refuse_new()
-            deadline = time.monotonic() + drain
-            while not scheduler.drain(min(0.5, max(0.0, deadline - time.monotonic()))):
-                if self._hurry.is_set() or time.monotonic() >= deadline:
-                    left = scheduler.waiting + (scheduler.running is not None)
-                    log.warning("stopping: cutting off %d unfinished requests", left)
-                    break
-            scheduler.close(
+            self._drain(scheduler, drain)
+            if self._watchdog is not None:
+                self._watchdog.stop()  # the worker is about to end: not a stall
+            engine_free = scheduler.close(
                 notice=f"the server is shutting down and cut this answer off after a {drain:g} s "
-                "grace period; send the request again (to another server, or once it is back)"
+                "grace period; send the request again (to another server, or once it is back)",
+                timeout=_FLUSH_SECONDS,
             )
             self.service.wait_for_streams(_FLUSH_SECONDS)
         if self._grpc is not None:
             self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        if self._engine is not None:
+        if self._engine is not None and engine_free:
             self._engine.close()
+        elif not engine_free:  # freeing the model under a running llama_decode would crash
+            log.error("the inference worker did not stop; exiting without freeing the model")
         log.info("stopped")
+
+    def _drain(self, scheduler: Scheduler, seconds: float) -> None:
+        """Let accepted requests finish, for up to `seconds` or until hurry()."""
+        scheduler.refuse_new()
+        deadline = time.monotonic() + seconds
+        while not scheduler.drain(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if self._hurry.is_set() or time.monotonic() >= deadline:
+                left = scheduler.waiting + (scheduler.running is not None)
+                log.warning("stopping: cutting off %d unfinished requests", left)
+                return
 
     def hurry(self) -> None:
         """Stop draining: cut off what is still running now."""

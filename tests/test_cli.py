@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ServeProcess
 
 CLI = [sys.executable, "-m", "edge_llm"]
 
@@ -64,33 +64,16 @@ def test_bad_setting_is_refused(tiny_model: Path) -> None:
 
 
 def test_serve_becomes_healthy_and_stops_on_sigterm(tiny_model: Path) -> None:
-    proc = subprocess.Popen([*CLI, "serve", "--model", str(tiny_model), "--port", "0",
-                             "--log-level", "info"],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines: list[str] = []
-    port = None
+    server = ServeProcess(tiny_model)
     try:
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "listening on" in line:
-                port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-        assert port, "".join(lines)
-        # Keep reading its log, as journald would: a full pipe would block the server.
-        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(),
                                                          timeout=60)  # fmt: skip
             assert any(r.status == health_pb2.HealthCheckResponse.SERVING for r in watch)
             watch.cancel()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=30) == 0
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("no exit 30 s after SIGTERM; its log:\n" + "".join(lines))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
 
 
 def test_generate_streams_to_stdout(server) -> None:

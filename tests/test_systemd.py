@@ -86,7 +86,7 @@ def test_ready_only_after_load_and_warm_up_then_status_and_watchdog(
 def test_watchdog_pings_stop_when_the_worker_is_wedged(
     tiny_model: Path, notify: NotifySocket
 ) -> None:
-    server = serve(tiny_model, notify, WATCHDOG_USEC="1000000",
+    server = serve(tiny_model, notify, "--drain-seconds", "1", WATCHDOG_USEC="1000000",
                    EDGE_LLM_TEST_FAULT="wedge-worker")  # fmt: skip
     try:
         ready_at = notify.wait_for("READY", "1")
@@ -104,9 +104,16 @@ def test_watchdog_pings_stop_when_the_worker_is_wedged(
             # For supervisors without a watchdog (a Kubernetes liveness probe): NOT_SERVING.
             check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert check.status == NOT_SERVING
-            call.cancel()
+            # systemd would kill it now. Asked to stop instead, it still stops, without
+            # freeing the model under the stuck worker.
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.wait(30) == 0
+            assert "the inference worker did not stop" in server.log
+            _, last = collect(call)  # its stream was ended for it, with the notice
+            assert last.finish_reason == pb.FINISH_REASON_CANCELLED
+            assert "shutting down" in last.notice
     finally:
-        server.kill()  # what systemd does when the pings stop
+        server.kill()
 
 
 def test_sigterm_mid_stream_cuts_it_off_after_the_grace_period(
