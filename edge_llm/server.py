@@ -195,7 +195,10 @@ class Server:
         # NOT_SERVING for "" and the service, pushed to Watch streams; later set()s are ignored.
         self.health.enter_graceful_shutdown()
         busy = 0 if scheduler is None else scheduler.waiting + (scheduler.running is not None)
-        self.notifier.stopping(f"stopping: {busy} requests get up to {drain:g} s to finish")
+        self.notifier.stopping(
+            f"stopping: {busy} requests get up to {drain:g} s to finish",
+            drain + 2 * _FLUSH_SECONDS + 5,  # cut-off streams' last messages, freeing the model
+        )
         log.info("stopping: %d requests get up to %g s to finish", busy, drain)
         # The port stays open while draining, so health checks see NOT_SERVING (and clients
         # balancing on it move away) while new calls get UNAVAILABLE from the service.
@@ -274,7 +277,7 @@ def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
     request = GenerateRequest(
         prompt="Hello", messages=(), max_tokens=2, sampling=Sampling(temperature=0)
     )
-    job = Job(request, engine.prompt_tokens(request))
+    job = Job(request, engine.prompt_tokens(request), peer="warm-up")
     scheduler.submit(job)
     for _ in job.chunks():
         pass

@@ -40,8 +40,10 @@ class Notifier:
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
 
-    def stopping(self, status: str) -> None:
-        self._send(f"STOPPING=1\nSTATUS={status}")
+    def stopping(self, status: str, seconds: float) -> None:
+        """STOPPING=1, and ask systemd for `seconds` more before it kills us (systemd >= 236;
+        older ones ignore it and TimeoutStopSec= alone applies)."""
+        self._send(f"STOPPING=1\nSTATUS={status}\nEXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")

@@ -48,3 +48,15 @@ def test_bad_environment_value_names_the_variable() -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(env={}, config_file=Path("/nonexistent/edge.toml"))
+
+
+def test_booleans_from_file_environment_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("log_prompts = true\ndrain_seconds = 5\n")
+    assert load_config(env={}, config_file=f).log_prompts is True
+    assert load_config(env={"EDGE_LLM_LOG_PROMPTS": "no"}, config_file=f).log_prompts is False
+    assert load_config({"log_prompts": True}, env={}).log_prompts is True
+    with pytest.raises(ConfigError, match="EDGE_LLM_LOG_PROMPTS must be true or false"):
+        load_config(env={"EDGE_LLM_LOG_PROMPTS": "sometimes"})
+    with pytest.raises(ConfigError, match="drain_seconds must be >= 0"):
+        load_config(env={"EDGE_LLM_DRAIN_SECONDS": "-1"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -76,7 +77,7 @@ def test_ready_only_after_load_and_warm_up_then_status_and_watchdog(
         pings = [t for t in notify.times("WATCHDOG") if t > ready_at]
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert len(pings) >= 5, pings
-        assert all(0.3 < g < 0.8 for g in gaps), gaps
+        assert 0.4 < statistics.median(gaps) < 0.7, gaps  # median: a busy machine may delay one
         notify.wait_for("STATUS", "tokens/s recently", timeout=1)
     finally:
         server.proc.send_signal(signal.SIGTERM)
@@ -152,6 +153,9 @@ def test_sigterm_mid_stream_cuts_it_off_after_the_grace_period(
         assert last.usage.completion_tokens < 600
         assert server.wait(30) == 0
         assert "cutting off 1 unfinished requests" in server.log
+        # systemd is asked for the drain time and more, whatever TimeoutStopSec= says.
+        stopping = next(f for _, f in notify.messages if "STOPPING" in f)
+        assert int(stopping["EXTEND_TIMEOUT_USEC"]) >= 1_000_000 + 6_000_000
     finally:
         server.kill()
 
