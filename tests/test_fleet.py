@@ -36,17 +36,24 @@ def test_round_robin_spreads_calls_and_leaves_a_stopping_board_alone(tiny_model:
             def served() -> list[int]:
                 return [b.service.loaded.scheduler.served for b in boards]  # type: ignore[union-attr]
 
-            for _ in range(6):
-                list(stub.Generate(request, timeout=30, wait_for_ready=True))
-            assert served() == [3, 3]
+            def calls(n: int) -> list[int]:
+                """Calls each board served out of `n` new ones."""
+                before = served()
+                for _ in range(n):
+                    list(stub.Generate(request, timeout=30, wait_for_ready=True))
+                return [after - b for after, b in zip(served(), before, strict=True)]
+
+            for _ in range(20):  # round_robin uses a board once it is connected and healthy
+                if min(served()) > 0:
+                    break
+                calls(1)
+            assert calls(6) == [3, 3]
 
             # Board 2 starts to stop: its health turns NOT_SERVING and the client moves away
             # before its port closes, without a failed call.
             boards[1].health.enter_graceful_shutdown()
             time.sleep(0.5)
-            for _ in range(4):
-                list(stub.Generate(request, timeout=30))
-            assert served() == [7, 3]
+            assert calls(4) == [4, 0]
     finally:
         for board in boards:
             board.stop(drain=0)
