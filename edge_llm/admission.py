@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from edge_llm.kvstates import KVStates
 from edge_llm.types import (
     Chunk,
     FinishReason,
@@ -77,8 +78,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineLike, queue_depth: int) -> None:
+    def __init__(self, engine: EngineLike, queue_depth: int, kv: KVStates | None = None) -> None:
         self._engine = engine
+        self._kv = kv  # per-session KV caches, switched before each job
         self.queue_depth = queue_depth
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -204,6 +206,8 @@ class Scheduler:
         job.started_at = time.monotonic()
         self.recent.append(job)
         try:
+            if self._kv is not None:
+                self._kv.activate(job.request.session_id)
             for text in self._engine.generate(
                 job.prompt, job.request, lambda: self._check_in(job), job.stats
             ):

@@ -43,6 +43,8 @@ def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None
                    "smaller of 2 GiB and the cgroup limit)")  # fmt: skip
     p.add_argument("--drain-seconds", type=int, help="on SIGTERM/SIGINT, how long accepted "
                    f"requests may take to finish (default: {d.drain_seconds})")  # fmt: skip
+    p.add_argument("--state-dir", help="where sessions are kept (default: $STATE_DIRECTORY, "
+                   "else ~/.local/state/edge-llm)")  # fmt: skip
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-prompts", action="store_true", default=None,
                    help="put prompt text in the logs (debugging only)")  # fmt: skip
@@ -76,8 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-path", action="store_true", help="print only the path on stdout")
 
     p = sub.add_parser("chat", help="talk to a server interactively (Ctrl-C stops an answer)")
+    p.add_argument("--session", help="resume this session (its id)")
     _client_args(p)
     _sampling_args(p)
+
+    p = sub.add_parser("sessions", help="the conversations a server keeps")
+    p.add_argument("action", choices=("list", "show", "rm"))
+    p.add_argument("ids", nargs="*", metavar="ID", help="sessions to show or remove")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
 
     p = sub.add_parser("generate", help="one answer, streamed to stdout (for scripts)")
     p.add_argument("prompt", help="the user message ('-' reads stdin)")
@@ -102,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.print_path:
                 print(path)
             return 0
+        if args.command == "sessions" and args.action != "list" and not args.ids:
+            print(f"edge-llm: sessions {args.action} needs at least one session id",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         from edge_llm import client
 
         return client.main(args)

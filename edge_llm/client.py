@@ -1,4 +1,4 @@
-"""The terminal clients: `edge-llm chat`, `generate` and `info`."""
+"""The terminal clients: `edge-llm chat`, `generate`, `info` and `sessions`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main(args: argparse.Namespace) -> int:
                 return _info(stub, args)
             if args.command == "generate":
                 return _generate(stub, args)
+            if args.command == "sessions":
+                return _sessions(stub, args)
             return _chat(stub, args)
         except grpc.RpcError as e:
             print(f"edge-llm: {_describe(e, args.address)}", file=sys.stderr)
@@ -35,9 +37,12 @@ def _describe(e: grpc.RpcError, address: str) -> str:
     return f"{code.name}: {details}"
 
 
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+
+
 def _request(args: argparse.Namespace, messages: list[pb.Message]) -> pb.GenerateRequest:
     req = pb.GenerateRequest(messages=messages, stop=args.stop)
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+    for name in _SAMPLING_FLAGS:
         if getattr(args, name) is not None:
             setattr(req, name, getattr(args, name))
     return req
@@ -83,9 +88,22 @@ def _generate(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
 
 
 def _chat(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
-    history = [pb.Message(role="system", content=args.system)] if args.system else []
-    print("edge-llm chat: type a message and press Enter. Ctrl-C stops an answer; "
-          "Ctrl-D (or Ctrl-C at the prompt) quits.", file=sys.stderr)  # fmt: skip
+    """A conversation the server keeps (a session): each turn sends only the new message."""
+    if args.session:
+        session = stub.GetSession(pb.GetSessionRequest(id=args.session)).session
+        for m in session.messages:
+            print(f"{'> ' if m.role == 'user' else ''}{m.content}")
+    else:
+        defaults = pb.SamplingDefaults(stop=args.stop)
+        for name in _SAMPLING_FLAGS:
+            if getattr(args, name) is not None:
+                setattr(defaults, name, getattr(args, name))
+        session = stub.CreateSession(
+            pb.CreateSessionRequest(system_prompt=args.system or "", defaults=defaults)
+        ).session
+    print(f"edge-llm chat: session {session.id} (resume it with --session {session.id}). "
+          "Ctrl-C stops an answer; Ctrl-D (or Ctrl-C at the prompt) quits.",
+          file=sys.stderr)  # fmt: skip
     while True:
         try:
             line = input("> ")
@@ -94,19 +112,50 @@ def _chat(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
             return 0
         if not line.strip():
             continue
-        history.append(pb.Message(role="user", content=line))
+        req = _request(args, [pb.Message(role="user", content=line)])
+        req.session_id = session.id
         try:
-            answer, _ = _stream(stub, _request(args, history))
+            _stream(stub, req)
         except KeyboardInterrupt:
-            print("\n[stopped]", file=sys.stderr)
-            history.pop()  # the question was not answered: forget it
+            print("\n[stopped: this turn is not kept]", file=sys.stderr)
             continue
         except grpc.RpcError as e:
             print(f"\nedge-llm: {_describe(e, args.address)}", file=sys.stderr)
-            history.pop()
             continue
         print()
-        history.append(pb.Message(role="assistant", content=answer))
+
+
+def _sessions(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        token = ""
+        while True:
+            page = stub.ListSessions(pb.ListSessionsRequest(page_size=100, page_token=token))
+            for s in page.sessions:
+                if args.json:
+                    print(json_format.MessageToJson(s, indent=None))
+                    continue
+                when = s.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
+                print(f"{s.id}  {when}  {s.message_count:4d} messages  "
+                      f"{s.system_prompt[:40]!r}")  # fmt: skip
+            token = page.next_page_token
+            if not token:
+                return 0
+    for session_id in args.ids:
+        if args.action == "rm":
+            stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+            print(f"deleted {session_id}", file=sys.stderr)
+            continue
+        session = stub.GetSession(pb.GetSessionRequest(id=session_id)).session
+        if args.json:
+            print(json_format.MessageToJson(session))
+            continue
+        if session.system_prompt:
+            print(f"[system] {session.system_prompt}")
+        if session.dropped_messages:
+            print(f"[{session.dropped_messages} older messages dropped to fit the context]")
+        for m in session.messages:
+            print(f"[{m.role}] {m.content}")
+    return 0
 
 
 def _info(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:

@@ -43,15 +43,25 @@ class Config:
     # then cut off with a final message saying so. systemd's TimeoutStopSec must be longer.
     drain_seconds: int = 30
     log_level: str = "info"
+    # Sessions: SQLite and spilled KV caches live here; "" = $STATE_DIRECTORY (systemd), else
+    # $XDG_STATE_HOME/edge-llm (~/.local/state/edge-llm).
+    state_dir: str = ""
+    max_sessions: int = 1000  # more: the least recently used are removed
+    session_idle_hours: int = 168  # unused this long: removed; 0 = never
+    # MiB of saved session KV caches kept in memory (part of the memory plan); more go to disk.
+    session_cache_mb: int = 128
+    # A conversation that no longer fits the context: "drop_oldest" turns, or "refuse".
+    context_overflow: str = "drop_oldest"
     # Put prompt text in the logs (debugging only: prompts are the users' words).
     log_prompts: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("context_length", "batch_size", "queue_depth", "max_tokens")
+        positive = ("context_length", "batch_size", "queue_depth", "max_tokens", "max_sessions")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("threads", "threads_batch", "memory_budget_mb", "drain_seconds"):
+        for name in ("threads", "threads_batch", "memory_budget_mb", "drain_seconds",
+                     "session_idle_hours", "session_cache_mb"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if not 0 < self.default_max_tokens <= self.max_tokens:
@@ -61,6 +71,10 @@ class Config:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
+        if self.context_overflow not in ("drop_oldest", "refuse"):
+            raise ConfigError(
+                f"context_overflow must be drop_oldest or refuse, got {self.context_overflow!r}"
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level}"

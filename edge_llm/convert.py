@@ -6,7 +6,9 @@ Every check names the field and the allowed range, so a grpcurl user can fix the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from edge_llm import __version__
 from edge_llm.memory import MemoryPlan
@@ -19,6 +21,8 @@ from edge_llm.types import (
     RequestError,
     RuntimeInfo,
     Sampling,
+    SamplingDefaults,
+    Session,
 )
 from edge_llm.v1 import edge_llm_pb2 as pb
 
@@ -91,62 +95,123 @@ def _in_range(
     return value
 
 
-def _seed(msg: pb.GenerateRequest) -> int | None:
-    if not msg.HasField("seed"):
-        return None
-    # llama.cpp reads 0xFFFFFFFF as "pick a random seed": it would break "same seed, same answer".
-    if msg.seed == 0xFFFFFFFF:
-        raise RequestError("seed must be below 4294967295 (that value means random in llama.cpp)")
-    return msg.seed
+# The sampling fields GenerateRequest and SamplingDefaults share, with their checks.
+_SAMPLING_FIELDS: dict[str, Callable[[float], float]] = {
+    "temperature": lambda v: _in_range("temperature", v, 0, 2),
+    "top_p": lambda v: _in_range("top_p", v, 0, 1, low_open=True),
+    "top_k": lambda v: int(_in_range("top_k", v, 0, 1000)),
+    "min_p": lambda v: _in_range("min_p", v, 0, 1),
+    "repeat_penalty": lambda v: _in_range("repeat_penalty", v, 0, 2, low_open=True),
+}
 
 
-def generate_request_from_pb(msg: pb.GenerateRequest, limits: Limits) -> GenerateRequest:
-    prompt, messages = _text_or_messages(msg.prompt, list(msg.messages), "prompt", limits)
-
-    max_tokens = limits.default_max_tokens
-    if msg.HasField("max_tokens"):
-        max_tokens = msg.max_tokens
-        if not 1 <= max_tokens <= limits.max_tokens:
-            raise RequestError(
-                f"max_tokens must be in [1, {limits.max_tokens}] (the server's cap); "
-                f"got {max_tokens}"
-            )
-
-    defaults = Sampling()
-    sampling = Sampling(
-        temperature=_in_range("temperature", msg.temperature, 0, 2)
-        if msg.HasField("temperature")
-        else defaults.temperature,
-        top_p=_in_range("top_p", msg.top_p, 0, 1, low_open=True)
-        if msg.HasField("top_p")
-        else defaults.top_p,
-        top_k=int(_in_range("top_k", msg.top_k, 0, 1000))
-        if msg.HasField("top_k")
-        else defaults.top_k,
-        min_p=_in_range("min_p", msg.min_p, 0, 1) if msg.HasField("min_p") else defaults.min_p,
-        repeat_penalty=_in_range("repeat_penalty", msg.repeat_penalty, 0, 2, low_open=True)
-        if msg.HasField("repeat_penalty")
-        else defaults.repeat_penalty,
-        seed=_seed(msg),
-    )
-
-    if len(msg.stop) > limits.max_stop_strings:
+def _max_tokens(value: int, limits: Limits) -> int:
+    if not 1 <= value <= limits.max_tokens:
         raise RequestError(
-            f"stop has {len(msg.stop)} strings; the limit is {limits.max_stop_strings}"
+            f"max_tokens must be in [1, {limits.max_tokens}] (the server's cap); got {value}"
         )
-    for i, s in enumerate(msg.stop):
+    return value
+
+
+def _seed(value: int) -> int:
+    # llama.cpp reads 0xFFFFFFFF as "pick a random seed": it would break "same seed, same answer".
+    if value == 0xFFFFFFFF:
+        raise RequestError("seed must be below 4294967295 (that value means random in llama.cpp)")
+    return value
+
+
+def _stop(stop: Sequence[str], limits: Limits) -> tuple[str, ...]:
+    if len(stop) > limits.max_stop_strings:
+        raise RequestError(f"stop has {len(stop)} strings; the limit is {limits.max_stop_strings}")
+    for i, s in enumerate(stop):
         if not s:
             raise RequestError(f"stop[{i}] is empty")
         _check_size(f"stop[{i}]", s, limits.max_stop_string_bytes)
+    return tuple(stop)
 
+
+def generate_request_from_pb(
+    msg: pb.GenerateRequest, limits: Limits, defaults: SamplingDefaults | None = None
+) -> GenerateRequest:
+    """Validate a request; the sampling fields it leaves unset take a session's `defaults`,
+    then the server's."""
+    prompt, messages = _text_or_messages(msg.prompt, list(msg.messages), "prompt", limits)
+    if msg.session_id and (prompt is not None or [m.role for m in messages] != ["user"]):
+        raise RequestError(
+            'with session_id, send only the new message, in messages (one, role "user"): '
+            "the session holds the history"
+        )
+    d = defaults or SamplingDefaults()
+
+    def pick(name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else getattr(d, name)
+
+    max_tokens = pick("max_tokens")
+    if max_tokens is not None:
+        max_tokens = _max_tokens(max_tokens, limits)
+    seed = pick("seed")
+    base = Sampling()
+    sampling = Sampling(
+        **{
+            name: getattr(base, name) if (v := pick(name)) is None else check(v)
+            for name, check in _SAMPLING_FIELDS.items()
+        },
+        seed=None if seed is None else _seed(seed),
+    )
     return GenerateRequest(
         prompt=prompt,
         messages=messages,
-        max_tokens=max_tokens,
+        max_tokens=limits.default_max_tokens if max_tokens is None else max_tokens,
         sampling=sampling,
-        stop=tuple(msg.stop),
+        stop=_stop(msg.stop or d.stop, limits),
         ignore_eos=msg.ignore_eos,
+        session_id=msg.session_id or None,
     )
+
+
+def text(field: str, value: str, limits: Limits) -> str:
+    _check_size(field, value, limits.max_text_bytes)
+    return value
+
+
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int) -> int:
+    if requested > MAX_PAGE_SIZE:
+        raise RequestError(f"page_size must be at most {MAX_PAGE_SIZE}; got {requested}")
+    return requested or 50
+
+
+def sampling_defaults_from_pb(msg: pb.SamplingDefaults, limits: Limits) -> SamplingDefaults:
+    def value(name: str, check: Callable[[Any], Any]) -> Any:
+        return check(getattr(msg, name)) if msg.HasField(name) else None
+
+    return SamplingDefaults(
+        max_tokens=value("max_tokens", lambda v: _max_tokens(v, limits)),
+        seed=value("seed", _seed),
+        stop=_stop(msg.stop, limits),
+        **{name: value(name, check) for name, check in _SAMPLING_FIELDS.items()},
+    )
+
+
+def sampling_defaults_to_pb(d: SamplingDefaults) -> pb.SamplingDefaults:
+    values = {k: v for k, v in asdict(d).items() if v is not None and k != "stop"}
+    return pb.SamplingDefaults(stop=d.stop, **values)
+
+
+def session_to_pb(session: Session) -> pb.Session:
+    msg = pb.Session(
+        id=session.id,
+        system_prompt=session.system_prompt,
+        defaults=sampling_defaults_to_pb(session.defaults),
+        messages=[pb.Message(role=m.role, content=m.content) for m in session.messages],
+        message_count=session.message_count,
+        dropped_messages=session.dropped_messages,
+    )
+    msg.create_time.FromNanoseconds(int(session.created_at * 1e9))
+    msg.update_time.FromNanoseconds(int(session.updated_at * 1e9))
+    return msg
 
 
 def tokenize_request_from_pb(
@@ -226,5 +291,6 @@ def info_to_pb(
             context_length=memory.context_length,
             requested_context_length=memory.requested_context,
             cache_type=memory.cache_type,
+            session_cache_bytes=memory.sessions,
         ),
     )

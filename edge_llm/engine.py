@@ -200,6 +200,36 @@ class Engine:
         if tail := text.finish():
             yield tail
 
+    # -- the KV cache, for sessions (kvstates.py) -------------------------------------------
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the context now."""
+        return self._llm.input_ids[: self._llm.n_tokens].tolist()
+
+    def save_kv(self) -> bytes:
+        """The KV cache of the context's one sequence, to load_kv() later."""
+        ctx = self._llm.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return ctypes.string_at(buf, n)
+
+    def load_kv(self, tokens: list[int], data: bytes) -> bool:
+        """Put back a save_kv() taken when kv_tokens() was `tokens`; False if llama.cpp
+        refused it (the cache is then empty: the next prompt is processed whole)."""
+        llm = self._llm
+        llm.n_tokens = 0
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        if not self._prefix_reusable or len(tokens) > self.settings.context_length:
+            return False
+        src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, src, len(data), 0) == 0:
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            return False
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        return True
+
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = self._piece_buf  # reused: this runs once per generated token
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)

@@ -5,7 +5,8 @@ Resident memory of a serving process is, to a good approximation:
 - the KV cache: layers x KV heads x (key + value head size) x element size, per token of context;
 - llama.cpp's compute buffer, dominated by the logits of one micro-batch: batch x vocabulary x 4
   bytes (152k-token vocabularies make this 150 MiB at batch 256);
-- the runtime: Python, gRPC, numpy, llama-cpp-python and weights llama.cpp repacks for the CPU.
+- the runtime: Python, gRPC, numpy, llama-cpp-python and weights llama.cpp repacks for the CPU;
+- the sessions' saved KV caches kept in memory (a configured budget; the rest go to disk).
 BENCHMARKS.md compares the plan with measured peak RSS.
 """
 
@@ -51,6 +52,7 @@ class MemoryPlan:
     compute: int
     runtime: int
     cache_type: str
+    sessions: int = 0
 
     @property
     def kv(self) -> int:
@@ -58,7 +60,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute + self.runtime
+        return self.weights + self.kv + self.compute + self.runtime + self.sessions
 
     @property
     def shrunk(self) -> bool:
@@ -69,7 +71,8 @@ class MemoryPlan:
             f"{self.total / MIB:.0f} MiB of {self.budget / MIB:.0f} MiB: weights "
             f"{self.weights / MIB:.0f}, KV cache {self.kv / MIB:.0f} ({self.context_length} tokens "
             f"x {self.kv_per_token / 1024:.1f} KiB, {self.cache_type}), compute "
-            f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}"
+            f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}, saved sessions "
+            f"{self.sessions / MIB:.0f}"
         )
 
 
@@ -91,24 +94,30 @@ def plan(
     batch_size: int,
     budget_bytes: int,
     cache_type: str = "f16",
+    sessions_bytes: int = 0,
 ) -> MemoryPlan:
     """The largest context up to the requested one that fits the budget.
 
-    Raises MemoryPlanError when not even MIN_CONTEXT tokens fit.
+    Memory for saved session caches is given up first (they go to disk instead), then
+    context. Raises MemoryPlanError when not even MIN_CONTEXT tokens fit.
     """
     per_token = kv_bytes_per_token(shape, cache_type)
     compute = int(COMPUTE_MARGIN * batch_size * 4 * (shape.n_vocab + 2 * shape.n_embd))
-    fixed = shape.weights_bytes + compute + RUNTIME_BYTES
     wanted = min(requested_context, shape.trained_context or requested_context)
+    spare = budget_bytes - shape.weights_bytes - compute - RUNTIME_BYTES - wanted * per_token
+    sessions_bytes = max(0, min(sessions_bytes, spare))
+    fixed = shape.weights_bytes + compute + RUNTIME_BYTES + sessions_bytes
     fits = (budget_bytes - fixed) // per_token if budget_bytes > fixed else 0
     context = wanted if fits >= wanted else fits // CONTEXT_STEP * CONTEXT_STEP
     result = MemoryPlan(budget_bytes, shape.weights_bytes, per_token, context,
-                        requested_context, compute, RUNTIME_BYTES, cache_type)  # fmt: skip
+                        requested_context, compute, RUNTIME_BYTES, cache_type,
+                        sessions_bytes)  # fmt: skip
     if context < min(MIN_CONTEXT, wanted):
         raise MemoryPlanError(
             f"the model does not fit in {budget_bytes / MIB:.0f} MiB: weights "
             f"{shape.weights_bytes / MIB:.0f} MiB + compute {compute / MIB:.0f} MiB (batch "
-            f"{batch_size}) + runtime {RUNTIME_BYTES / MIB:.0f} MiB leave room for {max(fits, 0)} "
+            f"{batch_size}) + runtime {RUNTIME_BYTES / MIB:.0f} MiB + saved sessions "
+            f"{sessions_bytes / MIB:.0f} MiB leave room for {max(fits, 0)} "
             f"tokens of context ({per_token / 1024:.1f} KiB each), fewer than {MIN_CONTEXT}; use "
             "a smaller model or batch size, or raise the memory limit"
         )

@@ -28,11 +28,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_llm import backend, hardware, memory, models
+from edge_llm import backend, hardware, memory, models, sessions
 from edge_llm.admission import EngineLike, Job, Scheduler
 from edge_llm.config import Config
+from edge_llm.conversations import Conversations
 from edge_llm.convert import Limits
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
+from edge_llm.kvstates import KVStates
 from edge_llm.service import EdgeLLMService, Loaded
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, GenerationStats, RuntimeInfo, Sampling
@@ -119,8 +121,21 @@ class Server:
         engine = Engine(self.model_path, settings)
         self._engine = engine
         fault = _Wedge(engine) if os.environ.get(_FAULT_ENV) == "wedge-worker" else None
-        self._scheduler = Scheduler(fault or engine, self.config.queue_depth)
+        state = sessions.state_directory(self.config.state_dir)
+        kv = KVStates(engine, state / "kv", plan.memory.sessions)
+        self._scheduler = Scheduler(fault or engine, self.config.queue_depth, kv)
         self._scheduler.start()
+        store = sessions.SessionStore(
+            state / "sessions.sqlite3",
+            self.config.max_sessions,
+            self.config.session_idle_hours * 3600,
+        )
+        for removed in store.expire():
+            kv.forget(removed)
+        conversations = Conversations(
+            store, settings.context_length, self.config.context_overflow == "drop_oldest", kv.forget
+        )
+        log.info("sessions in %s", store.path)
         info = system_info()
         runtime = RuntimeInfo(
             threads=settings.threads,
@@ -144,7 +159,9 @@ class Server:
         if fault is not None:
             log.warning("%s=wedge-worker: the worker will hang on the next request", _FAULT_ENV)
             fault.armed = True
-        self.service.loaded = Loaded(engine, self._scheduler, runtime, engine.info, plan.memory)
+        self.service.loaded = Loaded(
+            engine, self._scheduler, runtime, engine.info, plan.memory, conversations
+        )
         threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
         if self._stopping:  # a signal came during the load
             return
@@ -261,6 +278,7 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
         config.context_length,
         config.batch_size,
         config.memory_budget_mb * memory.MIB or memory.budget(board.mem_limit),
+        sessions_bytes=config.session_cache_mb * memory.MIB,
     )
     settings = EngineSettings(
         context_length=plan.context_length,

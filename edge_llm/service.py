@@ -4,6 +4,9 @@ A Generate call is validated and tokenized on its own handler thread, then waits
 scheduler's queue for the engine; its chunks come back through the job and go out one message
 per chunk. The RPC-done callback cancels the job, whether the client cancelled, went away or
 passed its deadline (grpcio's context.is_active() is not reliable for that: grpc #20259).
+
+In a session (session_id set), the stored history goes before the new message, and the
+finished turn is stored before its last message is sent (conversations.py).
 """
 
 from __future__ import annotations
@@ -19,8 +22,19 @@ import grpc
 
 from edge_llm import convert
 from edge_llm.admission import Job, Scheduler
+from edge_llm.conversations import Conversations, Turn
 from edge_llm.memory import MemoryPlan
-from edge_llm.types import ModelInfo, NotReadyError, QueueFullError, RequestError, RuntimeInfo
+from edge_llm.types import (
+    BusyError,
+    FinishReason,
+    GenerateRequest,
+    ModelInfo,
+    NotFoundError,
+    NotReadyError,
+    QueueFullError,
+    RequestError,
+    RuntimeInfo,
+)
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -40,6 +54,7 @@ class Loaded:
     runtime: RuntimeInfo
     model: ModelInfo
     memory: MemoryPlan
+    conversations: Conversations
 
 
 class EdgeLLMService(pb_grpc.EdgeLLMServicer):
@@ -55,43 +70,111 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
         received_at = time.monotonic()
-        req = _valid(context, lambda: convert.generate_request_from_pb(request, self.limits))
         loaded = self._loaded(context)
-        prompt = _valid(context, lambda: loaded.engine.prompt_tokens(req))
+        if not request.session_id:
+            req = _checked(context, lambda: convert.generate_request_from_pb(request, self.limits))
+            prompt = _checked(context, lambda: loaded.engine.prompt_tokens(req))
+            yield from self._stream(context, loaded, req, prompt, received_at)
+            return
+        # In a session: its history goes before the new message, and the turn is stored.
+        conversations = loaded.conversations
+        session = _checked(context, lambda: conversations.store.get(request.session_id))
+        req = _checked(
+            context,
+            lambda: convert.generate_request_from_pb(request, self.limits, session.defaults),
+        )
+        turn = _checked(context, lambda: conversations.start(session, req, loaded.engine.tokenize))
+        try:
+            yield from self._stream(context, loaded, turn.request, turn.prompt, received_at, turn)
+        finally:
+            conversations.release(session.id)
+
+    def _stream(
+        self,
+        context: grpc.ServicerContext,
+        loaded: Loaded,
+        req: GenerateRequest,
+        prompt: list[int],
+        received_at: float,
+        turn: Turn | None = None,
+    ) -> Iterator[pb.GenerateResponse]:
         job = Job(req, prompt, received_at=received_at, peer=context.peer())
         with self._streams_changed:
             self._streams.add(job)
         if not context.add_callback(lambda: self._ended(job, loaded.scheduler)):
             self._ended(job, loaded.scheduler)
             return  # the call ended while we were tokenizing
-        try:
-            loaded.scheduler.submit(job)
-        except QueueFullError as e:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except NotReadyError as e:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        _checked(context, lambda: loaded.scheduler.submit(job))
         fields = {"REQUEST_ID": job.id, "PEER": job.peer, "PROMPT_TOKENS": len(prompt)}
+        if turn is not None:
+            fields["SESSION_ID"] = turn.session.id
         log.info("request %d queued: %d prompt tokens from %s", job.id, len(prompt), job.peer,
                  extra=fields)  # fmt: skip
         if self.log_prompts:
             text = req.prompt or "\n".join(f"{m.role}: {m.content}" for m in req.messages)
             log.info("request %d prompt: %s", job.id, text, extra={**fields, "PROMPT": text})
+        answer: list[str] = []
         try:
             for chunk in job.chunks():
+                answer.append(chunk.text)
+                if turn is not None and chunk.finish_reason not in (None, FinishReason.CANCELLED):
+                    # On disk before the client hears the answer is complete.
+                    loaded.conversations.finish(turn, "".join(answer))
+                    chunk = replace(chunk, notice=turn.notice)
                 yield convert.chunk_to_pb(chunk)
         except RequestError as e:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
+            log.exception("request %d failed", job.id)
             _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {e}")
+
+    def CreateSession(
+        self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
+    ) -> pb.CreateSessionResponse:
+        conversations = self._loaded(context).conversations
+        system_prompt = _checked(
+            context, lambda: convert.text("system_prompt", request.system_prompt, self.limits)
+        )
+        defaults = _checked(
+            context, lambda: convert.sampling_defaults_from_pb(request.defaults, self.limits)
+        )
+        session = _checked(context, lambda: conversations.create(system_prompt, defaults))
+        log.info("session %s created", session.id, extra={"SESSION_ID": session.id})
+        return pb.CreateSessionResponse(session=convert.session_to_pb(session))
+
+    def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.ServicerContext
+    ) -> pb.GetSessionResponse:
+        store = self._loaded(context).conversations.store
+        session = _checked(context, lambda: store.get(request.id))
+        return pb.GetSessionResponse(session=convert.session_to_pb(session))
+
+    def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        store = self._loaded(context).conversations.store
+        size = _checked(context, lambda: convert.page_size(request.page_size))
+        sessions, token = _checked(context, lambda: store.list(size, request.page_token))
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_to_pb(s) for s in sessions], next_page_token=token
+        )
+
+    def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteSessionResponse:
+        conversations = self._loaded(context).conversations
+        _checked(context, lambda: conversations.delete(request.id))
+        log.info("session %s deleted", request.id, extra={"SESSION_ID": request.id})
+        return pb.DeleteSessionResponse()
 
     def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.ServicerContext
     ) -> pb.TokenizeResponse:
-        text, messages = _valid(
+        text, messages = _checked(
             context, lambda: convert.tokenize_request_from_pb(request, self.limits)
         )
         engine = self._loaded(context).engine
-        tokens = _valid(context, lambda: engine.tokenize(text, messages))
+        tokens = _checked(context, lambda: engine.tokenize(text, messages))
         return pb.TokenizeResponse(tokens=tokens, count=len(tokens))
 
     def GetInfo(
@@ -126,12 +209,23 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         return self.loaded
 
 
-def _valid(context: grpc.ServicerContext, make: Callable[[], T]) -> T:
-    """Run a conversion or tokenization: a bad request is INVALID_ARGUMENT, a failure INTERNAL."""
+# Domain errors and the gRPC status each one is.
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    RequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    BusyError: grpc.StatusCode.FAILED_PRECONDITION,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReadyError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _checked(context: grpc.ServicerContext, make: Callable[[], T]) -> T:
+    """Run a step of a call: a domain error ends the call with its status, anything else
+    with INTERNAL (and a log entry)."""
     try:
         return make()
-    except RequestError as e:
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except tuple(_STATUS) as e:
+        _abort(context, _STATUS[type(e)], str(e))
     except Exception as e:
         log.exception("request handling failed")
         _abort(context, grpc.StatusCode.INTERNAL, f"could not process the request: {e}")

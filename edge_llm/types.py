@@ -41,6 +41,7 @@ class GenerateRequest:
     sampling: Sampling
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    session_id: str | None = None  # the KV cache to continue from (the engine's worker)
 
 
 @dataclass
@@ -108,6 +109,39 @@ class RuntimeInfo:
     versions: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A session's defaults for the sampling fields a request leaves unset (None: not set)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Session:
+    """A conversation the server keeps. `messages` is empty in listings."""
+
+    id: str
+    system_prompt: str
+    defaults: SamplingDefaults
+    messages: tuple[ChatMessage, ...]
+    message_count: int
+    dropped_messages: int  # dropped from the start so the conversation fits the context
+    created_at: float  # Unix time
+    updated_at: float
+
+    def conversation(self, new: ChatMessage | None = None) -> tuple[ChatMessage, ...]:
+        """What the model sees: the system prompt (if any), the history, the new message."""
+        system = (ChatMessage("system", self.system_prompt),) if self.system_prompt else ()
+        return system + self.messages + ((new,) if new else ())
+
+
 class RequestError(ValueError):
     """A request that cannot be served as asked (INVALID_ARGUMENT); the message names the field."""
 
@@ -118,3 +152,11 @@ class QueueFullError(Exception):
 
 class NotReadyError(Exception):
     """The model is still loading, or the server is shutting down."""
+
+
+class NotFoundError(LookupError):
+    """No such session (NOT_FOUND)."""
+
+
+class BusyError(Exception):
+    """The session is already answering another message (FAILED_PRECONDITION)."""

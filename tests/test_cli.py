@@ -103,15 +103,34 @@ def test_info_json(server) -> None:
     assert json.loads(result.stdout)["model"]["architecture"] == "llama"
 
 
-def test_chat_keeps_the_conversation(server) -> None:
+def test_chat_keeps_the_conversation_in_a_session_it_can_resume(server) -> None:
+    address = f"127.0.0.1:{server.port}"
     before = len(server.service.loaded.scheduler.recent)
-    result = run_cli("chat", "--address", f"127.0.0.1:{server.port}", "--max-tokens", "8",
+    result = run_cli("chat", "--address", address, "--max-tokens", "8", "--system", "Be brief.",
                      stdin="Hello there\nAnd again\n")  # fmt: skip
     assert result.returncode == 0, result.stderr
+    session_id = result.stderr.split("session ", 1)[1].split()[0]
     jobs = list(server.service.loaded.scheduler.recent)[before:]
-    assert [len(j.request.messages) for j in jobs] == [1, 3]  # turn 2 carries turn 1
-    assert jobs[1].request.messages[0].content == "Hello there"
-    assert jobs[1].request.messages[1].role == "assistant"
+    # Turn 2 carries turn 1, from the server's copy of the conversation.
+    assert [len(j.request.messages) for j in jobs] == [2, 4]
+    assert jobs[1].request.messages[1].content == "Hello there"
+    assert jobs[1].request.messages[2].role == "assistant"
+    assert {j.request.session_id for j in jobs} == {session_id}
+
+    resumed = run_cli("chat", "--address", address, "--session", session_id,
+                      stdin="Third\n")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("> Hello there\n")  # the history, shown again
+    assert len(server.service.loaded.scheduler.recent[-1].request.messages) == 6
+
+    listed = run_cli("sessions", "list", "--address", address)
+    assert session_id in listed.stdout and "6 messages" in listed.stdout
+    shown = run_cli("sessions", "show", session_id, "--address", address)
+    assert shown.stdout.splitlines()[:2] == ["[system] Be brief.", "[user] Hello there"]
+    assert run_cli("sessions", "rm", session_id, "--address", address).returncode == 0
+    gone = run_cli("sessions", "show", session_id, "--address", address)
+    assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
+    assert run_cli("sessions", "rm", "--address", address).returncode == 2  # no id
 
 
 @pytest.mark.parametrize("name", ["tiny"])
@@ -143,7 +162,10 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
         while out.count(needle) < count:
             assert time.monotonic() < deadline, f"{needle!r} not seen in {out!r}"
             if select.select([fd], [], [], 0.1)[0]:
-                out += os.read(fd, 4096)
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:  # the chat exited: say what it printed
+                    raise AssertionError(f"{needle!r} not seen in {out!r}") from None
 
     try:
         read_until(b"> ")
@@ -156,7 +178,7 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
             if select.select([fd], [], [], 0.1)[0]:
                 out += os.read(fd, 4096)
         os.write(fd, b"\x03")  # Ctrl-C
-        read_until(b"[stopped]")
+        read_until(b"[stopped: this turn is not kept]")
         os.write(fd, b"Hi\r")
         read_until(b"> ", timeout=30, count=3)  # answered, and prompting again
         os.write(fd, b"\x04")  # Ctrl-D quits

@@ -83,6 +83,7 @@ def test_server_shrinks_the_context_and_reports_the_plan(tiny_model: Path) -> No
         assert info.limits.context_length == mem.context_length
         assert mem.total_bytes <= mem.budget_bytes == 400 * MIB
         assert mem.kv_cache_bytes == mem.kv_bytes_per_token * mem.context_length
+        assert mem.session_cache_bytes == 0  # given up before any context
     finally:
         server.stop(drain=0)
 
@@ -97,3 +98,14 @@ def test_server_that_cannot_fit_refuses_to_load(tiny_model: Path) -> None:
             server.load()
     finally:
         server.stop(drain=0)
+
+
+def test_saved_sessions_give_way_before_the_context() -> None:
+    shape = memory.ModelShape(weights_bytes=100 * MIB, n_layer=30, n_head_kv=3, key_length=64,
+                              value_length=64, n_vocab=49152, n_embd=576,
+                              trained_context=8192)  # fmt: skip
+    roomy = memory.plan(shape, 2048, 64, 2048 * MIB, sessions_bytes=128 * MIB)
+    assert roomy.sessions == 128 * MIB and roomy.context_length == 2048
+    tight = memory.plan(shape, 2048, 64, 400 * MIB, sessions_bytes=128 * MIB)
+    assert tight.context_length == 2048 and 0 < tight.sessions < 128 * MIB
+    assert tight.total <= 400 * MIB

@@ -22,43 +22,64 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64ge_llm/v1/edge_llm.proto\x12\x0b\x65\x64ge_llm.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.edge_llm.v1.Message\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x07\n\x05_seed\"\xac\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.edge_llm.v1.FinishReason\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.edge_llm.v1.Usage\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.edge_llm.v1.Timings\x12\x0e\n\x06notice\x18\x05 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x82\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tprompt_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"G\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.edge_llm.v1.Message\"1\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xb1\x01\n\x0fGetInfoResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edge_llm.v1.ModelInfo\x12)\n\x07runtime\x18\x02 \x01(\x0b\x32\x18.edge_llm.v1.RuntimeInfo\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.edge_llm.v1.Limits\x12\'\n\x06memory\x18\x04 \x01(\x0b\x32\x17.edge_llm.v1.MemoryPlan\"\xcb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16trained_context_length\x18\x07 \x01(\r\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\"\xbe\x02\n\x0bRuntimeInfo\x12\x18\n\x10\x65\x64ge_llm_version\x18\x01 \x01(\t\x12 \n\x18llama_cpp_python_version\x18\x02 \x01(\t\x12\x16\n\x0egrpcio_version\x18\x03 \x01(\t\x12\x18\n\x10protobuf_version\x18\x04 \x01(\t\x12\x16\n\x0epython_version\x18\x05 \x01(\t\x12\x0f\n\x07threads\x18\x06 \x01(\r\x12\x15\n\rthreads_batch\x18\x07 \x01(\r\x12\x14\n\x0c\x63pu_features\x18\x08 \x03(\t\x12\x13\n\x0bsystem_info\x18\t \x01(\t\x12\r\n\x05\x62oard\x18\n \x01(\t\x12\x16\n\x0ethreads_reason\x18\x0b \x01(\t\x12\x13\n\x0b\x63pu_variant\x18\x0c \x01(\t\x12\x1a\n\x12\x63pu_variant_reason\x18\r \x01(\t\"\xfe\x01\n\nMemoryPlan\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x15\n\rweights_bytes\x18\x03 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x15\n\rcompute_bytes\x18\x06 \x01(\x04\x12\x15\n\rruntime_bytes\x18\x07 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x08 \x01(\r\x12 \n\x18requested_context_length\x18\t \x01(\r\x12\x12\n\ncache_type\x18\n \x01(\t\"\xcf\x01\n\x06Limits\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x05 \x01(\r\x12\x1d\n\x15max_stop_string_bytes\x18\x06 \x01(\r\x12\x14\n\x0cmax_messages\x18\x07 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xe3\x01\n\x07\x45\x64geLLM\x12I\n\x08Generate\x12\x1c.edge_llm.v1.GenerateRequest\x1a\x1d.edge_llm.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.edge_llm.v1.TokenizeRequest\x1a\x1d.edge_llm.v1.TokenizeResponse\x12\x44\n\x07GetInfo\x12\x1b.edge_llm.v1.GetInfoRequest\x1a\x1c.edge_llm.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64ge_llm/v1/edge_llm.proto\x12\x0b\x65\x64ge_llm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf7\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.edge_llm.v1.Message\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x07\n\x05_seed\"\xac\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.edge_llm.v1.FinishReason\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.edge_llm.v1.Usage\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.edge_llm.v1.Timings\x12\x0e\n\x06notice\x18\x05 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x82\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tprompt_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x98\x02\n\x10SamplingDefaults\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x07\n\x05_seed\"^\n\x14\x43reateSessionRequest\x12\x15\n\rsystem_prompt\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x66\x61ults\x18\x02 \x01(\x0b\x32\x1d.edge_llm.v1.SamplingDefaults\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.edge_llm.v1.Session\"\x98\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x66\x61ults\x18\x03 \x01(\x0b\x32\x1d.edge_llm.v1.SamplingDefaults\x12&\n\x08messages\x18\x04 \x03(\x0b\x32\x14.edge_llm.v1.Message\x12\x15\n\rmessage_count\x18\x05 \x01(\r\x12\x18\n\x10\x64ropped_messages\x18\x06 \x01(\r\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x11GetSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.edge_llm.v1.Session\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.edge_llm.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x44\x65leteSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"G\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.edge_llm.v1.Message\"1\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xb1\x01\n\x0fGetInfoResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edge_llm.v1.ModelInfo\x12)\n\x07runtime\x18\x02 \x01(\x0b\x32\x18.edge_llm.v1.RuntimeInfo\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.edge_llm.v1.Limits\x12\'\n\x06memory\x18\x04 \x01(\x0b\x32\x17.edge_llm.v1.MemoryPlan\"\xcb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16trained_context_length\x18\x07 \x01(\r\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\"\xbe\x02\n\x0bRuntimeInfo\x12\x18\n\x10\x65\x64ge_llm_version\x18\x01 \x01(\t\x12 \n\x18llama_cpp_python_version\x18\x02 \x01(\t\x12\x16\n\x0egrpcio_version\x18\x03 \x01(\t\x12\x18\n\x10protobuf_version\x18\x04 \x01(\t\x12\x16\n\x0epython_version\x18\x05 \x01(\t\x12\x0f\n\x07threads\x18\x06 \x01(\r\x12\x15\n\rthreads_batch\x18\x07 \x01(\r\x12\x14\n\x0c\x63pu_features\x18\x08 \x03(\t\x12\x13\n\x0bsystem_info\x18\t \x01(\t\x12\r\n\x05\x62oard\x18\n \x01(\t\x12\x16\n\x0ethreads_reason\x18\x0b \x01(\t\x12\x13\n\x0b\x63pu_variant\x18\x0c \x01(\t\x12\x1a\n\x12\x63pu_variant_reason\x18\r \x01(\t\"\x9b\x02\n\nMemoryPlan\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x15\n\rweights_bytes\x18\x03 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x15\n\rcompute_bytes\x18\x06 \x01(\x04\x12\x15\n\rruntime_bytes\x18\x07 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x08 \x01(\r\x12 \n\x18requested_context_length\x18\t \x01(\r\x12\x12\n\ncache_type\x18\n \x01(\t\x12\x1b\n\x13session_cache_bytes\x18\x0b \x01(\x04\"\xcf\x01\n\x06Limits\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x05 \x01(\r\x12\x1d\n\x15max_stop_string_bytes\x18\x06 \x01(\r\x12\x14\n\x0cmax_messages\x18\x07 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xb7\x04\n\x07\x45\x64geLLM\x12I\n\x08Generate\x12\x1c.edge_llm.v1.GenerateRequest\x1a\x1d.edge_llm.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.edge_llm.v1.TokenizeRequest\x1a\x1d.edge_llm.v1.TokenizeResponse\x12\x44\n\x07GetInfo\x12\x1b.edge_llm.v1.GetInfoRequest\x1a\x1c.edge_llm.v1.GetInfoResponse\x12V\n\rCreateSession\x12!.edge_llm.v1.CreateSessionRequest\x1a\".edge_llm.v1.CreateSessionResponse\x12M\n\nGetSession\x12\x1e.edge_llm.v1.GetSessionRequest\x1a\x1f.edge_llm.v1.GetSessionResponse\x12S\n\x0cListSessions\x12 .edge_llm.v1.ListSessionsRequest\x1a!.edge_llm.v1.ListSessionsResponse\x12V\n\rDeleteSession\x12!.edge_llm.v1.DeleteSessionRequest\x1a\".edge_llm.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edge_llm.v1.edge_llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2126
-  _globals['_FINISHREASON']._serialized_end=2250
-  _globals['_MESSAGE']._serialized_start=43
-  _globals['_MESSAGE']._serialized_end=83
-  _globals['_GENERATEREQUEST']._serialized_start=86
-  _globals['_GENERATEREQUEST']._serialized_end=441
-  _globals['_GENERATERESPONSE']._serialized_start=444
-  _globals['_GENERATERESPONSE']._serialized_end=616
-  _globals['_USAGE']._serialized_start=618
-  _globals['_USAGE']._serialized_end=675
-  _globals['_TIMINGS']._serialized_start=678
-  _globals['_TIMINGS']._serialized_end=808
-  _globals['_TOKENIZEREQUEST']._serialized_start=810
-  _globals['_TOKENIZEREQUEST']._serialized_end=881
-  _globals['_TOKENIZERESPONSE']._serialized_start=883
-  _globals['_TOKENIZERESPONSE']._serialized_end=932
-  _globals['_GETINFOREQUEST']._serialized_start=934
-  _globals['_GETINFOREQUEST']._serialized_end=950
-  _globals['_GETINFORESPONSE']._serialized_start=953
-  _globals['_GETINFORESPONSE']._serialized_end=1130
-  _globals['_MODELINFO']._serialized_start=1133
-  _globals['_MODELINFO']._serialized_end=1336
-  _globals['_RUNTIMEINFO']._serialized_start=1339
-  _globals['_RUNTIMEINFO']._serialized_end=1657
-  _globals['_MEMORYPLAN']._serialized_start=1660
-  _globals['_MEMORYPLAN']._serialized_end=1914
-  _globals['_LIMITS']._serialized_start=1917
-  _globals['_LIMITS']._serialized_end=2124
-  _globals['_EDGELLM']._serialized_start=2253
-  _globals['_EDGELLM']._serialized_end=2480
+  _globals['_FINISHREASON']._serialized_start=3240
+  _globals['_FINISHREASON']._serialized_end=3364
+  _globals['_MESSAGE']._serialized_start=76
+  _globals['_MESSAGE']._serialized_end=116
+  _globals['_GENERATEREQUEST']._serialized_start=119
+  _globals['_GENERATEREQUEST']._serialized_end=494
+  _globals['_GENERATERESPONSE']._serialized_start=497
+  _globals['_GENERATERESPONSE']._serialized_end=669
+  _globals['_USAGE']._serialized_start=671
+  _globals['_USAGE']._serialized_end=728
+  _globals['_TIMINGS']._serialized_start=731
+  _globals['_TIMINGS']._serialized_end=861
+  _globals['_SAMPLINGDEFAULTS']._serialized_start=864
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=1144
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1146
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1240
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1242
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1304
+  _globals['_SESSION']._serialized_start=1307
+  _globals['_SESSION']._serialized_end=1587
+  _globals['_GETSESSIONREQUEST']._serialized_start=1589
+  _globals['_GETSESSIONREQUEST']._serialized_end=1620
+  _globals['_GETSESSIONRESPONSE']._serialized_start=1622
+  _globals['_GETSESSIONRESPONSE']._serialized_end=1681
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1683
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1743
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1745
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1832
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1834
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1868
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1870
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1893
+  _globals['_TOKENIZEREQUEST']._serialized_start=1895
+  _globals['_TOKENIZEREQUEST']._serialized_end=1966
+  _globals['_TOKENIZERESPONSE']._serialized_start=1968
+  _globals['_TOKENIZERESPONSE']._serialized_end=2017
+  _globals['_GETINFOREQUEST']._serialized_start=2019
+  _globals['_GETINFOREQUEST']._serialized_end=2035
+  _globals['_GETINFORESPONSE']._serialized_start=2038
+  _globals['_GETINFORESPONSE']._serialized_end=2215
+  _globals['_MODELINFO']._serialized_start=2218
+  _globals['_MODELINFO']._serialized_end=2421
+  _globals['_RUNTIMEINFO']._serialized_start=2424
+  _globals['_RUNTIMEINFO']._serialized_end=2742
+  _globals['_MEMORYPLAN']._serialized_start=2745
+  _globals['_MEMORYPLAN']._serialized_end=3028
+  _globals['_LIMITS']._serialized_start=3031
+  _globals['_LIMITS']._serialized_end=3238
+  _globals['_EDGELLM']._serialized_start=3367
+  _globals['_EDGELLM']._serialized_end=3934
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,26 @@ class EdgeLLMStub:
                 request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/edge_llm.v1.EdgeLLM/CreateSession',
+                request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/edge_llm.v1.EdgeLLM/GetSession',
+                request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/edge_llm.v1.EdgeLLM/ListSessions',
+                request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/edge_llm.v1.EdgeLLM/DeleteSession',
+                request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeLLMServicer:
@@ -78,6 +98,34 @@ class EdgeLLMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSession(self, request, context):
+        """Sessions are conversations the server keeps, on disk, so a client sends only the new
+        message of each turn (Generate with session_id) and the server reuses the model's cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """GetSession returns a session and its conversation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """ListSessions pages through the sessions, most recently used first, without messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeLLMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +143,26 @@ def add_EdgeLLMServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetInfoRequest.FromString,
                     response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.CreateSessionRequest.FromString,
+                    response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetSessionRequest.FromString,
+                    response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.ListSessionsRequest.FromString,
+                    response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +247,114 @@ class EdgeLLM:
             '/edge_llm.v1.EdgeLLM/GetInfo',
             edge__llm_dot_v1_dot_edge__llm__pb2.GetInfoRequest.SerializeToString,
             edge__llm_dot_v1_dot_edge__llm__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_llm.v1.EdgeLLM/CreateSession',
+            edge__llm_dot_v1_dot_edge__llm__pb2.CreateSessionRequest.SerializeToString,
+            edge__llm_dot_v1_dot_edge__llm__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_llm.v1.EdgeLLM/GetSession',
+            edge__llm_dot_v1_dot_edge__llm__pb2.GetSessionRequest.SerializeToString,
+            edge__llm_dot_v1_dot_edge__llm__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_llm.v1.EdgeLLM/ListSessions',
+            edge__llm_dot_v1_dot_edge__llm__pb2.ListSessionsRequest.SerializeToString,
+            edge__llm_dot_v1_dot_edge__llm__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_llm.v1.EdgeLLM/DeleteSession',
+            edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionRequest.SerializeToString,
+            edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,232 @@
+"""Sessions on disk: SQLite in WAL mode under the state directory.
+
+A turn (the user's message and the answer) is written in one transaction and synced before
+the answer's last message goes to the client, so an acknowledged turn survives a crash, a
+`kill -9` or a power cut. A cancelled answer is not stored, nor is its user message.
+
+One connection, used under a lock: sessions change a few times a minute, not thousands.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from edge_llm.types import ChatMessage, NotFoundError, RequestError, SamplingDefaults, Session
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    system_prompt TEXT NOT NULL,
+    defaults TEXT NOT NULL,                 -- JSON of SamplingDefaults
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    dropped_messages INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (updated_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS messages (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,                   -- 0, 1, ... in the order of the conversation
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (session_id, seq)
+);
+"""
+
+
+def state_directory(configured: str) -> Path:
+    """Where sessions live: the configured directory, systemd's StateDirectory=, or the XDG
+    state directory (~/.local/state/edge-llm)."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "edge-llm"
+
+
+class SessionStore:
+    def __init__(self, path: Path, max_sessions: int, idle_expiry_seconds: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_sessions = max_sessions
+        self.idle_expiry_seconds = idle_expiry_seconds
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")  # a turn is on disk once commit returns
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, system_prompt: str, defaults: SamplingDefaults) -> tuple[Session, list[str]]:
+        """A new session; also the ids of the sessions removed to make room or idle too long."""
+        now = time.time()
+        session_id = uuid.uuid4().hex
+        with self._lock, self._transaction():
+            removed = self._expire(now, room_for=1)
+            self._db.execute(
+                "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (session_id, system_prompt, json.dumps(asdict(defaults)), now, now),
+            )
+        return Session(session_id, system_prompt, defaults, (), 0, 0, now, now), removed
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, system_prompt, defaults, created_at, updated_at, dropped_messages "
+                "FROM sessions WHERE id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is None or self._idle(row[4]):
+                raise NotFoundError(f"no session {session_id!r}; create one with CreateSession")
+            messages = tuple(
+                ChatMessage(role, content)
+                for role, content in self._db.execute(
+                    "SELECT role, content FROM messages WHERE session_id = ? ORDER BY seq",
+                    (session_id,),
+                )
+            )
+        return _session(row, messages, len(messages))
+
+    def list(self, page_size: int, page_token: str) -> tuple[list[Session], str]:
+        """Most recently used first; the token for the next page, or "" after the last."""
+        where, args = "", []
+        if page_token:
+            updated_at, after_id = _decode_token(page_token)
+            where = "WHERE (s.updated_at, s.id) < (?, ?)"
+            args = [updated_at, after_id]
+        if self.idle_expiry_seconds:
+            where += (" AND " if where else "WHERE ") + "s.updated_at >= ?"
+            args.append(time.time() - self.idle_expiry_seconds)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.id, s.system_prompt, s.defaults, s.created_at, s.updated_at, "
+                "s.dropped_messages, (SELECT count(*) FROM messages m WHERE m.session_id = s.id) "
+                f"FROM sessions s {where} ORDER BY s.updated_at DESC, s.id DESC LIMIT ?",
+                (*args, page_size + 1),
+            ).fetchall()
+        sessions = [_session(row[:6], (), row[6]) for row in rows[:page_size]]
+        more = len(rows) > page_size
+        token = _encode_token(sessions[-1].updated_at, sessions[-1].id) if more else ""
+        return sessions, token
+
+    def delete(self, session_id: str) -> None:
+        with self._lock, self._transaction():
+            if not self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount:
+                raise NotFoundError(f"no session {session_id!r}")
+
+    def commit_turn(
+        self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int = 0
+    ) -> None:
+        """Store a finished turn, after dropping the `drop` oldest messages: all or nothing."""
+        now = time.time()
+        with self._lock, self._transaction():
+            if drop:
+                self._db.execute(
+                    "DELETE FROM messages WHERE session_id = ? AND seq IN (SELECT seq FROM "
+                    "messages WHERE session_id = ? ORDER BY seq LIMIT ?)",
+                    (session_id, session_id, drop),
+                )
+            (last,) = self._db.execute(
+                "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            self._db.executemany(
+                "INSERT INTO messages (session_id, seq, role, content, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (session_id, last + 1, user.role, user.content, now),
+                    (session_id, last + 2, answer.role, answer.content, now),
+                ],
+            )
+            updated = self._db.execute(
+                "UPDATE sessions SET updated_at = ?, dropped_messages = dropped_messages + ? "
+                "WHERE id = ?",
+                (now, drop, session_id),
+            ).rowcount
+            if not updated:  # deleted while it was answering
+                raise NotFoundError(f"session {session_id!r} was deleted during the answer")
+
+    def expire(self) -> list[str]:
+        """Remove idle and surplus sessions now; their ids."""
+        with self._lock, self._transaction():
+            return self._expire(time.time(), room_for=0)
+
+    def _expire(self, now: float, room_for: int) -> list[str]:
+        ids = []
+        if self.idle_expiry_seconds:
+            ids += [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM sessions WHERE updated_at < ?",
+                    (now - self.idle_expiry_seconds,),
+                )
+            ]
+        (count,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
+        surplus = count - len(ids) + room_for - self.max_sessions
+        if surplus > 0:  # the least recently used make room
+            placeholders = ",".join("?" * len(ids))
+            ids += [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT id FROM sessions WHERE id NOT IN ({placeholders}) "
+                    "ORDER BY updated_at, id LIMIT ?",
+                    (*ids, surplus),
+                )
+            ]
+        self._db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
+        if ids:
+            log.info("removed %d idle or surplus sessions", len(ids))
+        return ids
+
+    def _idle(self, updated_at: float) -> bool:
+        return (
+            bool(self.idle_expiry_seconds) and updated_at < time.time() - self.idle_expiry_seconds
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _session(row: tuple, messages: tuple[ChatMessage, ...], count: int) -> Session:
+    session_id, system_prompt, defaults, created_at, updated_at, dropped = row
+    values = json.loads(defaults)
+    values["stop"] = tuple(values.get("stop", ()))
+    return Session(session_id, system_prompt, SamplingDefaults(**values), messages, count,
+                   dropped, created_at, updated_at)  # fmt: skip
+
+
+def _encode_token(updated_at: float, session_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at!r}/{session_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    try:
+        updated_at, session_id = base64.urlsafe_b64decode(token.encode()).decode().split("/", 1)
+        return float(updated_at), session_id
+    except ValueError:
+        raise RequestError("page_token is not one this server gave out") from None

@@ -1,0 +1,362 @@
+"""Sessions: conversations kept by the server, their KV caches reused, their turns on disk.
+
+Everything runs the tiny real model, greedy, through real gRPC servers on loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ServeProcess, start_server
+from test_health_reflection import grpcurl
+
+from edge_llm.admission import Job
+from edge_llm.server import Server
+from edge_llm.sessions import SessionStore
+from edge_llm.types import ChatMessage, NotFoundError, SamplingDefaults
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+GREEDY = pb.SamplingDefaults(temperature=0, max_tokens=48)
+QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two is bigger?",
+             "Name a river in each.", "Thank you!"]  # fmt: skip
+
+
+def new_session(stub: pb_grpc.EdgeLLMStub, system: str = "You are a geography tutor.") -> str:
+    return stub.CreateSession(
+        pb.CreateSessionRequest(system_prompt=system, defaults=GREEDY)
+    ).session.id
+
+
+def say(stub: pb_grpc.EdgeLLMStub, session_id: str, text: str, **fields: object
+        ) -> tuple[str, pb.GenerateResponse]:  # fmt: skip
+    request = pb.GenerateRequest(session_id=session_id, **fields)
+    request.messages.add(role="user", content=text)
+    parts, last = [], pb.GenerateResponse()
+    for msg in stub.Generate(request, timeout=60):
+        parts.append(msg.text)
+        last = msg
+    return "".join(parts), last
+
+
+def last_job(server: Server) -> Job:
+    return server.service.loaded.scheduler.recent[-1]  # type: ignore[union-attr]
+
+
+def history(stub: pb_grpc.EdgeLLMStub, session_id: str) -> list[tuple[str, str]]:
+    session = stub.GetSession(pb.GetSessionRequest(id=session_id)).session
+    return [(m.role, m.content) for m in session.messages]
+
+
+def test_a_session_from_create_to_delete(stub) -> None:
+    session_id = new_session(stub)
+    assert history(stub, session_id) == []
+    answer, last = say(stub, session_id, QUESTIONS[0])
+    assert answer and last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert history(stub, session_id) == [("user", QUESTIONS[0]), ("assistant", answer)]
+    session = stub.GetSession(pb.GetSessionRequest(id=session_id)).session
+    assert session.system_prompt == "You are a geography tutor."
+    assert session.defaults.temperature == 0 and session.defaults.max_tokens == 48
+    assert session.update_time.ToNanoseconds() >= session.create_time.ToNanoseconds() > 0
+    listed = stub.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions
+    assert [s.message_count for s in listed if s.id == session_id] == [2]
+
+    stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+    for call in (
+        lambda: stub.GetSession(pb.GetSessionRequest(id=session_id)),
+        lambda: say(stub, session_id, "Hello?"),
+        lambda: stub.DeleteSession(pb.DeleteSessionRequest(id=session_id)),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert session_id in err.value.details()
+
+
+def test_each_turn_processes_only_its_new_tokens(server, stub) -> None:
+    session_id = new_session(stub)
+    previous: Job | None = None
+    for i, question in enumerate(QUESTIONS):
+        say(stub, session_id, question)
+        job = last_job(server)
+        s = job.stats
+        if previous is not None:
+            p = previous.stats
+            # The cache holds the last prompt and every answer token it evaluated: all of
+            # them but one when max_tokens cut the answer (that one is new to the cache).
+            cached = p.prompt_tokens + p.completion_tokens - (p.finish_reason.value == "length")
+            assert s.prompt_tokens_reused == cached, f"turn {i + 1}"
+            assert s.prompt_tokens_processed == s.prompt_tokens - cached, f"turn {i + 1}"
+        previous = job
+    assert s.prompt_tokens_processed < s.prompt_tokens / 3  # the last turn: mostly reused
+
+
+def test_three_sessions_taking_turns_match_three_isolated_runs(server, stub) -> None:
+    systems = ["You are a geography tutor.", "You answer in one short sentence.",
+               "You are a pirate."]  # fmt: skip
+    questions = [QUESTIONS[:3], ["What is 2 + 2?", "And times 3?", "Say it in words."],
+                 ["Where is the treasure?", "How deep?", "Who buried it?"]]  # fmt: skip
+    ids = [new_session(stub, system) for system in systems]
+    answers: list[list[str]] = [[], [], []]
+    reused = []
+    for turn in range(3):
+        for k in range(3):
+            answers[k].append(say(stub, ids[k], questions[k][turn])[0])
+            reused.append(last_job(server).stats.prompt_tokens_reused)
+    # Each session's cache came back after the other two had the engine.
+    assert all(r > 0 for r in reused[3:])
+
+    for k in range(3):
+        assert history(stub, ids[k]) == [
+            (role, text)
+            for q, a in zip(questions[k], answers[k], strict=True)
+            for role, text in (("user", q), ("assistant", a))
+        ]
+        alone = new_session(stub, systems[k])
+        assert [say(stub, alone, q)[0] for q in questions[k]] == answers[k], f"session {k}"
+
+
+@pytest.fixture(scope="module")
+def spilling_server(tiny_model: Path) -> Iterator[Server]:
+    """No memory for saved caches: every one goes to disk and comes back from it."""
+    server = start_server(tiny_model, session_cache_mb=0)
+    yield server
+    server.stop(drain=0)
+
+
+def test_caches_spill_to_disk_and_lost_ones_are_rebuilt(spilling_server: Server) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{spilling_server.port}") as ch:
+        stub = pb_grpc.EdgeLLMStub(ch)
+        a, b = new_session(stub), new_session(stub, "You are a pirate.")
+        say(stub, a, QUESTIONS[0])
+        say(stub, b, "Where is the treasure?")
+        kv_dir = Path(spilling_server.config.state_dir) / "kv"
+        assert (kv_dir / f"{a}.kv").is_file()  # a's cache went to disk when b took the engine
+        say(stub, a, QUESTIONS[1])
+        job = last_job(spilling_server)
+        assert job.stats.prompt_tokens_processed < job.stats.prompt_tokens / 2
+
+        # Lost: b's cache file disappears; b's next turn processes its history instead.
+        say(stub, a, QUESTIONS[2])
+        (kv_dir / f"{b}.kv").unlink()
+        say(stub, b, "How deep?")
+        job = last_job(spilling_server)
+        assert job.stats.prompt_tokens_reused < job.stats.prompt_tokens / 2
+        # The model saw the whole conversation, from the stored history.
+        stored = stub.GetSession(pb.GetSessionRequest(id=b)).session
+        conversation = [ChatMessage("system", "You are a pirate.")] + [
+            ChatMessage(m.role, m.content) for m in stored.messages[:-1]
+        ]
+        engine = spilling_server.service.loaded.engine  # type: ignore[union-attr]
+        assert job.prompt == engine.tokenize(None, conversation)
+
+
+def test_two_answers_at_once_in_one_session_are_refused(stub) -> None:
+    session_id = new_session(stub)
+    request = pb.GenerateRequest(session_id=session_id, max_tokens=400, ignore_eos=True)
+    request.messages.add(role="user", content="Count to a thousand.")
+    first = stub.Generate(request)
+    next(first)
+    with pytest.raises(grpc.RpcError) as err:
+        say(stub, session_id, "Are you there?")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "still answering" in err.value.details()
+    first.cancel()
+    # A cancelled answer is not stored, nor is its question; the session is free again.
+    time.sleep(0.2)
+    assert history(stub, session_id) == []
+    say(stub, session_id, "Hello")
+    assert len(history(stub, session_id)) == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt": "raw text"}, "send only the new message"),
+        (
+            {
+                "messages": [
+                    pb.Message(role="user", content="a"),
+                    pb.Message(role="user", content="b"),
+                ]
+            },
+            "send only the new message",
+        ),
+        ({"messages": [pb.Message(role="assistant", content="a")]}, "send only the new message"),
+        (
+            {"messages": [pb.Message(role="user", content="a")], "temperature": 9},
+            "temperature must be in",
+        ),
+    ],
+)
+def test_bad_session_requests(stub, fields: dict, message: str) -> None:
+    session_id = new_session(stub)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(session_id=session_id, **fields)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_bad_session_settings_and_pages(stub) -> None:
+    bad = [
+        lambda: stub.CreateSession(pb.CreateSessionRequest(defaults=pb.SamplingDefaults(top_p=0))),
+        lambda: stub.CreateSession(
+            pb.CreateSessionRequest(defaults=pb.SamplingDefaults(max_tokens=10**6))
+        ),
+        lambda: stub.CreateSession(pb.CreateSessionRequest(system_prompt="x" * 70_000)),
+        lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=5000)),
+        lambda: stub.ListSessions(pb.ListSessionsRequest(page_token="not-a-token")),
+    ]
+    for call in bad:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+def test_list_pages_through_every_session_once(stub) -> None:
+    mine = {new_session(stub) for _ in range(5)}
+    seen, token, pages = [], "", 0
+    while True:
+        page = stub.ListSessions(pb.ListSessionsRequest(page_size=2, page_token=token))
+        seen += [s.id for s in page.sessions]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) and mine <= set(seen)
+    assert pages == (len(seen) + 1) // 2
+    assert all(not s.messages for s in page.sessions)  # listings leave the messages out
+
+
+def test_overflow_drops_the_oldest_turns_but_keeps_the_system_prompt(tiny_model: Path) -> None:
+    server = start_server(tiny_model, context_length=384)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            session_id = new_session(stub, "You are terse.")
+            long = "Tell me about the sea, the wind and the ships that sail on them. " * 3
+            notices = []
+            for _ in range(8):
+                _, last = say(stub, session_id, long, max_tokens=40)
+                notices.append(last.notice)
+            dropped = [n for n in notices if n]
+            assert dropped and "oldest messages were dropped" in dropped[0]
+            session = stub.GetSession(pb.GetSessionRequest(id=session_id)).session
+            assert session.dropped_messages > 0
+            assert session.message_count == 16 - session.dropped_messages
+            assert session.system_prompt == "You are terse."
+            job = last_job(server)
+            assert job.request.messages[0] == ChatMessage("system", "You are terse.")
+            assert job.stats.prompt_tokens + 40 <= 384
+            # After a drop, the next turns keep their start: their cache is reused.
+            assert notices[-1] == "" or notices[-2] == ""
+    finally:
+        server.stop(drain=0)
+
+
+def test_overflow_can_be_refused_instead(tiny_model: Path) -> None:
+    server = start_server(tiny_model, context_length=256, context_overflow="refuse")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            session_id = new_session(stub)
+            long = "Tell me about the sea, the wind and the ships that sail on them. " * 3
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in range(8):
+                    say(stub, session_id, long, max_tokens=40)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no longer fits" in err.value.details()
+            assert stub.GetSession(pb.GetSessionRequest(id=session_id)).session.message_count
+    finally:
+        server.stop(drain=0)
+
+
+def test_kill_9_loses_no_acknowledged_turn(tiny_model: Path) -> None:
+    state = tempfile.mkdtemp(prefix="edge-llm-state-")
+    server = ServeProcess(tiny_model, env={"EDGE_LLM_STATE_DIR": state})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            wait_until_serving(ch)
+            session_id = new_session(stub)
+            answers = [say(stub, session_id, q)[0] for q in QUESTIONS[:2]]
+            # A third answer is streaming, not finished, when the process dies.
+            request = pb.GenerateRequest(session_id=session_id, max_tokens=400, ignore_eos=True)
+            request.messages.add(role="user", content="Count to a thousand.")
+            call = stub.Generate(request)
+            next(call)
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait(10)
+    finally:
+        server.kill()
+
+    restarted = ServeProcess(tiny_model, env={"EDGE_LLM_STATE_DIR": state})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            wait_until_serving(ch)
+            assert history(stub, session_id) == [
+                ("user", QUESTIONS[0]), ("assistant", answers[0]),
+                ("user", QUESTIONS[1]), ("assistant", answers[1]),
+            ]  # fmt: skip
+            say(stub, session_id, QUESTIONS[2])  # and the conversation goes on
+            assert len(history(stub, session_id)) == 6
+    finally:
+        restarted.proc.terminate()
+        restarted.wait(30)
+
+
+def wait_until_serving(channel: grpc.Channel) -> None:
+    """Wait until the restarted server has loaded its model (health SERVING)."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+    for response in watch:
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            watch.cancel()
+            return
+
+
+def test_store_retention(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "s.sqlite3", max_sessions=3, idle_expiry_seconds=0)
+    ids = [store.create("", SamplingDefaults())[0].id for _ in range(3)]
+    store.commit_turn(ids[0], ChatMessage("user", "u"), ChatMessage("assistant", "a"))
+    _, removed = store.create("", SamplingDefaults())
+    assert removed == [ids[1]]  # the least recently used one, not the oldest created
+    with pytest.raises(NotFoundError):
+        store.get(ids[1])
+
+    idle = SessionStore(tmp_path / "i.sqlite3", max_sessions=10, idle_expiry_seconds=0.3)
+    session, _ = idle.create("", SamplingDefaults())
+    time.sleep(0.4)
+    with pytest.raises(NotFoundError):
+        idle.get(session.id)
+    assert idle.expire() == [session.id]
+
+
+def test_sessions_through_grpcurl(server) -> None:
+    def call(method: str, body: dict) -> str:
+        result = subprocess.run(
+            [grpcurl(), "-plaintext", "-d", json.dumps(body), f"127.0.0.1:{server.port}",
+             f"edge_llm.v1.EdgeLLM/{method}"], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    defaults = {"temperature": 0, "max_tokens": 8}
+    created = json.loads(
+        call("CreateSession", {"system_prompt": "Be terse.", "defaults": defaults})
+    )
+    session_id = created["session"]["id"]
+    out = call("Generate", {"session_id": session_id,
+                            "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    assert "FINISH_REASON" in out
+    shown = json.loads(call("GetSession", {"id": session_id}))
+    assert [m["role"] for m in shown["session"]["messages"]] == ["user", "assistant"]
