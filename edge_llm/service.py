@@ -118,15 +118,18 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
             for chunk in job.chunks():
                 answer.append(chunk.text)
                 if turn is not None and chunk.finish_reason not in (None, FinishReason.CANCELLED):
-                    # On disk before the client hears the answer is complete.
-                    loaded.conversations.finish(turn, "".join(answer))
-                    chunk = replace(chunk, notice=turn.notice)
+                    break  # a finished turn: stored below before its last message goes out
                 yield convert.chunk_to_pb(chunk)
+            else:
+                return
         except RequestError as e:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
             log.exception("request %d failed", job.id)
             _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {e}")
+        assert turn is not None  # only a session's turn leaves the loop early
+        _checked(context, lambda: loaded.conversations.finish(turn, "".join(answer)))
+        yield convert.chunk_to_pb(replace(chunk, notice=turn.notice))
 
     def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.ServicerContext

@@ -139,6 +139,9 @@ class SessionStore:
         """Store a finished turn, after dropping the `drop` oldest messages: all or nothing."""
         now = time.time()
         with self._lock, self._transaction():
+            exists = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,))
+            if exists.fetchone() is None:
+                raise NotFoundError(f"session {session_id} was deleted during the answer")
             if drop:
                 self._db.execute(
                     "DELETE FROM messages WHERE session_id = ? AND seq IN (SELECT seq FROM "
@@ -156,13 +159,11 @@ class SessionStore:
                     (session_id, last + 2, answer.role, answer.content, now),
                 ],
             )
-            updated = self._db.execute(
+            self._db.execute(
                 "UPDATE sessions SET updated_at = ?, dropped_messages = dropped_messages + ? "
                 "WHERE id = ?",
                 (now, drop, session_id),
-            ).rowcount
-            if not updated:  # deleted while it was answering
-                raise NotFoundError(f"session {session_id!r} was deleted during the answer")
+            )
 
     def expire(self) -> list[str]:
         """Remove idle and surplus sessions now; their ids."""

@@ -178,6 +178,19 @@ def test_two_answers_at_once_in_one_session_are_refused(stub) -> None:
     assert len(history(stub, session_id)) == 2
 
 
+def test_a_session_deleted_during_its_answer_is_not_brought_back(stub) -> None:
+    session_id = new_session(stub)
+    request = pb.GenerateRequest(session_id=session_id, max_tokens=60, ignore_eos=True)
+    request.messages.add(role="user", content="Tell me a story.")
+    call = stub.Generate(request)
+    next(call)
+    stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "deleted during the answer" in err.value.details()
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
