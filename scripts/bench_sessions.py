@@ -7,7 +7,8 @@ and three sessions taking turns. All in one process, one run, the default model.
 Reuse off is what a stateless client pays when other requests use the board between its
 turns: before each of its turns an unrelated request takes the engine, so the whole history
 is processed again. Its conversation replays the session's answers, so both see the same
-prompts.
+prompts. Every conversation starts with its own terminal number, so none finds another's
+first turn in the cache; one throwaway conversation first warms the engine up.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from edge_llm.server import Server
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
-SYSTEM = ("You are the help desk of a bicycle shop's self-service terminal. Answer in two or "
-          "three plain sentences.")  # fmt: skip
+SYSTEM = ("Terminal {n}. You are the help desk of a bicycle shop's self-service terminal. "
+          "Answer in two or three plain sentences.")  # fmt: skip
 QUESTIONS = [
     "My chain jumps between gears when I pedal hard uphill. Why?",
     "How do I check whether the chain is worn?",
@@ -75,9 +76,16 @@ def main() -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.EdgeLLMStub(channel)
-            create = pb.CreateSessionRequest(system_prompt=SYSTEM)
 
-            session = stub.CreateSession(create).session.id
+            def create(n: int) -> str:
+                request = pb.CreateSessionRequest(system_prompt=SYSTEM.format(n=n))
+                return stub.CreateSession(request).session.id
+
+            warm = create(0)
+            for question in turns[:2]:
+                turn(stub, warm, question)
+
+            session = create(1)
             reuse, answers = [], []
             for question in turns:
                 ms, answer = turn(stub, session, question)
@@ -85,7 +93,7 @@ def main() -> None:
                 answers.append(answer)
 
             off = []
-            history = [pb.Message(role="system", content=SYSTEM)]
+            history = [pb.Message(role="system", content=SYSTEM.format(n=1))]
             for i, question in enumerate(turns):
                 flush = pb.GenerateRequest(prompt=f"{i} unrelated", max_tokens=1)
                 list(stub.Generate(flush))  # takes the cache: nothing of the history is left
@@ -95,7 +103,7 @@ def main() -> None:
                 off.append(first_token_ms(stub, request)[0])
                 history.append(pb.Message(role="assistant", content=answers[i]))
 
-            three = [stub.CreateSession(create).session.id for _ in range(3)]
+            three = [create(n) for n in (2, 3, 4)]
             alternating: list[list[float]] = []
             for question in turns:
                 alternating.append([turn(stub, s, question)[0] for s in three])
