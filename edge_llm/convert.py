@@ -6,6 +6,7 @@ Every check names the field and the allowed range, so a grpcurl user can fix the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -146,9 +147,12 @@ def generate_request_from_pb(
     def pick(name: str) -> Any:
         return getattr(msg, name) if msg.HasField(name) else getattr(d, name)
 
-    max_tokens = pick("max_tokens")
-    if max_tokens is not None:
-        max_tokens = _max_tokens(max_tokens, limits)
+    if msg.HasField("max_tokens"):
+        max_tokens = _max_tokens(msg.max_tokens, limits)
+    elif d.max_tokens is not None:  # checked when the session was made; the cap may be lower now
+        max_tokens = min(d.max_tokens, limits.max_tokens)
+    else:
+        max_tokens = limits.default_max_tokens
     seed = pick("seed")
     base = Sampling()
     sampling = Sampling(
@@ -161,12 +165,20 @@ def generate_request_from_pb(
     return GenerateRequest(
         prompt=prompt,
         messages=messages,
-        max_tokens=limits.default_max_tokens if max_tokens is None else max_tokens,
+        max_tokens=max_tokens,
         sampling=sampling,
         stop=_stop(msg.stop or d.stop, limits),
         ignore_eos=msg.ignore_eos,
         session_id=msg.session_id or None,
     )
+
+
+def session_id(value: str, field: str = "session_id") -> str:
+    if not re.fullmatch(r"[0-9a-f]{32}", value):
+        shown = value if len(value) <= 40 else f"{value[:40]}..."
+        raise RequestError(f"{field} {shown!r} is not a session id (32 hex digits, from "
+                           "CreateSession)")  # fmt: skip
+    return value
 
 
 def text(field: str, value: str, limits: Limits) -> str:

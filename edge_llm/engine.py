@@ -206,15 +206,22 @@ class Engine:
         """The tokens whose keys and values are in the context now."""
         return self._llm.input_ids[: self._llm.n_tokens].tolist()
 
-    def save_kv(self) -> bytes:
+    @property
+    def kv_restorable(self) -> bool:
+        """Recurrent and hybrid models keep no per-token cache to save and cut back."""
+        return self._prefix_reusable
+
+    def save_kv(self) -> bytearray:
         """The KV cache of the context's one sequence, to load_kv() later."""
         ctx = self._llm.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-        return ctypes.string_at(buf, n)
+        data = bytearray(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        buf = (ctypes.c_uint8 * len(data)).from_buffer(data)  # written in place: one copy
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, len(data), 0)
+        del buf  # a view of data: it must go before data may be resized
+        del data[n:]
+        return data
 
-    def load_kv(self, tokens: list[int], data: bytes) -> bool:
+    def load_kv(self, tokens: list[int], data: bytearray) -> bool:
         """Put back a save_kv() taken when kv_tokens() was `tokens`; False if llama.cpp
         refused it (the cache is then empty: the next prompt is processed whole)."""
         llm = self._llm
@@ -222,8 +229,8 @@ class Engine:
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         if not self._prefix_reusable or len(tokens) > self.settings.context_length:
             return False
-        src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(llm.ctx, src, len(data), 0) == 0:
+        src = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, src, len(data), 0) != len(data):
             llm._ctx.kv_cache_seq_rm(-1, 0, -1)
             return False
         llm.input_ids[: len(tokens)] = tokens

@@ -29,14 +29,16 @@ _MAGIC = b"EDGEKV1\n"
 
 class KVEngine(Protocol):
     def kv_tokens(self) -> list[int]: ...
-    def save_kv(self) -> bytes: ...
-    def load_kv(self, tokens: list[int], data: bytes) -> bool: ...
+    def save_kv(self) -> bytearray: ...
+    def load_kv(self, tokens: list[int], data: bytearray) -> bool: ...
+    @property
+    def kv_restorable(self) -> bool: ...
 
 
 @dataclass
 class _Saved:
     tokens: list[int]
-    data: bytes
+    data: bytearray
 
 
 class KVStates:
@@ -47,6 +49,7 @@ class KVStates:
         self._memory: OrderedDict[str, _Saved] = OrderedDict()  # least recently used first
         self._memory_bytes = 0
         self.owner: str | None = None  # whose conversation the context holds
+        self._forgotten: set[str] = set()  # deleted: a job of theirs still queued saves nothing
         self._lock = threading.Lock()
         # Caches from before a restart may come from another model or build: start clean.
         shutil.rmtree(directory, ignore_errors=True)
@@ -61,10 +64,10 @@ class KVStates:
     def _activate(self, session_id: str | None) -> None:
         if session_id == self.owner:
             return
-        if self.owner is not None:
+        if self.owner is not None and self._engine.kv_restorable:
             self._keep(self.owner, _Saved(self._engine.kv_tokens(), self._engine.save_kv()))
-        self.owner = session_id
-        if session_id is None:
+        self.owner = None if session_id in self._forgotten else session_id
+        if self.owner is None:
             return
         saved = self._take(session_id)
         if saved is not None and not self._engine.load_kv(saved.tokens, saved.data):
@@ -74,6 +77,7 @@ class KVStates:
     def forget(self, session_id: str) -> None:
         """The session is gone: drop its cache wherever it is."""
         with self._lock:
+            self._forgotten.add(session_id)
             if self.owner == session_id:
                 self.owner = None
             saved = self._memory.pop(session_id, None)
@@ -118,15 +122,16 @@ class KVStates:
     def _unspill(self, session_id: str) -> _Saved | None:
         path = self._file(session_id)
         try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
+            with path.open("rb") as f:
+                head = f.read(len(_MAGIC) + 4)
+                if len(head) < len(_MAGIC) + 4 or head[: len(_MAGIC)] != _MAGIC:
+                    return None
+                (n,) = struct.unpack("<I", head[len(_MAGIC) :])
+                tokens = array("i")
+                tokens.frombytes(f.read(4 * n))
+                data = bytearray(f.read())
+        except (FileNotFoundError, ValueError):
             return None
         finally:
             path.unlink(missing_ok=True)
-        head = len(_MAGIC) + 4
-        if blob[: len(_MAGIC)] != _MAGIC or len(blob) < head:
-            return None
-        (n,) = struct.unpack("<I", blob[len(_MAGIC) : head])
-        tokens = array("i")
-        tokens.frombytes(blob[head : head + 4 * n])
-        return _Saved(tokens.tolist(), blob[head + 4 * n :])
+        return _Saved(tokens.tolist(), data)

@@ -133,7 +133,12 @@ class Server:
         for removed in store.expire():
             kv.forget(removed)
         conversations = Conversations(
-            store, settings.context_length, self.config.context_overflow == "drop_oldest", kv.forget
+            store,
+            settings.context_length,
+            drop_oldest=self.config.context_overflow == "drop_oldest",
+            tokenize=engine.tokenize,
+            has_chat_template=engine.info.has_chat_template,
+            forget=kv.forget,
         )
         log.info("sessions in %s", store.path)
         info = system_info()
@@ -233,6 +238,8 @@ class Server:
             self.service.wait_for_streams(_FLUSH_SECONDS)
         if self._grpc is not None:
             self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
+        if self.service.loaded is not None:
+            self.service.loaded.conversations.store.close()
         if self._engine is not None and engine_free:
             self._engine.close()
         elif not engine_free:  # freeing the model under a running llama_decode would crash

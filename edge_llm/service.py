@@ -11,6 +11,7 @@ finished turn is stored before its last message is sent (conversations.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,12 +26,12 @@ from edge_llm.admission import Job, Scheduler
 from edge_llm.conversations import Conversations, Turn
 from edge_llm.memory import MemoryPlan
 from edge_llm.types import (
-    BusyError,
     FinishReason,
     GenerateRequest,
     ModelInfo,
     NotFoundError,
     NotReadyError,
+    PreconditionError,
     QueueFullError,
     RequestError,
     RuntimeInfo,
@@ -78,16 +79,19 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
             return
         # In a session: its history goes before the new message, and the turn is stored.
         conversations = loaded.conversations
-        session = _checked(context, lambda: conversations.store.get(request.session_id))
-        req = _checked(
-            context,
-            lambda: convert.generate_request_from_pb(request, self.limits, session.defaults),
-        )
-        turn = _checked(context, lambda: conversations.start(session, req, loaded.engine.tokenize))
+        session_id = _checked(context, lambda: convert.session_id(request.session_id))
+        claim = _checked(context, lambda: conversations.claim(session_id))  # busy, then read
         try:
+            req = _checked(
+                context,
+                lambda: convert.generate_request_from_pb(
+                    request, self.limits, claim.session.defaults
+                ),
+            )
+            turn = _checked(context, lambda: conversations.fit(claim, req))
             yield from self._stream(context, loaded, turn.request, turn.prompt, received_at, turn)
         finally:
-            conversations.release(session.id)
+            conversations.release(claim)
 
     def _stream(
         self,
@@ -101,13 +105,14 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         job = Job(req, prompt, received_at=received_at, peer=context.peer())
         with self._streams_changed:
             self._streams.add(job)
-        if not context.add_callback(lambda: self._ended(job, loaded.scheduler)):
-            self._ended(job, loaded.scheduler)
+        ended = functools.partial(self._ended, job, loaded, turn)
+        if not context.add_callback(ended):
+            ended()
             return  # the call ended while we were tokenizing
         _checked(context, lambda: loaded.scheduler.submit(job))
         fields = {"REQUEST_ID": job.id, "PEER": job.peer, "PROMPT_TOKENS": len(prompt)}
         if turn is not None:
-            fields["SESSION_ID"] = turn.session.id
+            fields["SESSION_ID"] = turn.claim.session.id
         log.info("request %d queued: %d prompt tokens from %s", job.id, len(prompt), job.peer,
                  extra=fields)  # fmt: skip
         if self.log_prompts:
@@ -128,8 +133,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
             log.exception("request %d failed", job.id)
             _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {e}")
         assert turn is not None  # only a session's turn leaves the loop early
-        _checked(context, lambda: loaded.conversations.finish(turn, "".join(answer)))
-        yield convert.chunk_to_pb(replace(chunk, notice=turn.notice))
+        text = "".join(answer)
+        if _checked(context, lambda: loaded.conversations.finish(turn, text, job.cancelled.is_set)):
+            yield convert.chunk_to_pb(replace(chunk, notice=turn.notice))
 
     def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
@@ -149,7 +155,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.GetSessionRequest, context: grpc.ServicerContext
     ) -> pb.GetSessionResponse:
         store = self._loaded(context).conversations.store
-        session = _checked(context, lambda: store.get(request.id))
+        session_id = _checked(context, lambda: convert.session_id(request.id, "id"))
+        session = _checked(context, lambda: store.get(session_id))
         return pb.GetSessionResponse(session=convert.session_to_pb(session))
 
     def ListSessions(
@@ -166,7 +173,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSessionResponse:
         conversations = self._loaded(context).conversations
-        _checked(context, lambda: conversations.delete(request.id))
+        session_id = _checked(context, lambda: convert.session_id(request.id, "id"))
+        _checked(context, lambda: conversations.delete(session_id))
         log.info("session %s deleted", request.id, extra={"SESSION_ID": request.id})
         return pb.DeleteSessionResponse()
 
@@ -186,10 +194,13 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         loaded = self._loaded(context)
         return convert.info_to_pb(loaded.model, loaded.runtime, self.limits, loaded.memory)
 
-    def _ended(self, job: Job, scheduler: Scheduler) -> None:
+    def _ended(self, job: Job, loaded: Loaded, turn: Turn | None) -> None:
         """The RPC-done callback: the client cancelled, went away or passed its deadline, or the
-        call completed (then cancelling is a no-op)."""
-        scheduler.cancel(job)
+        call completed (then cancelling is a no-op). A cancelled turn frees its session now,
+        so the client may send its next message at once."""
+        loaded.scheduler.cancel(job)
+        if turn is not None:
+            loaded.conversations.release(turn.claim)
         with self._streams_changed:
             self._streams.discard(job)
             self._streams_changed.notify_all()
@@ -216,7 +227,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
 _STATUS: dict[type[Exception], grpc.StatusCode] = {
     RequestError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
-    BusyError: grpc.StatusCode.FAILED_PRECONDITION,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
 }
@@ -228,7 +239,8 @@ def _checked(context: grpc.ServicerContext, make: Callable[[], T]) -> T:
     try:
         return make()
     except tuple(_STATUS) as e:
-        _abort(context, _STATUS[type(e)], str(e))
+        code = next(code for kind, code in _STATUS.items() if isinstance(e, kind))
+        _abort(context, code, str(e))
     except Exception as e:
         log.exception("request handling failed")
         _abort(context, grpc.StatusCode.INTERNAL, f"could not process the request: {e}")

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,12 +75,15 @@ class SessionStore:
         with self._lock:
             self._db.close()
 
-    def create(self, system_prompt: str, defaults: SamplingDefaults) -> tuple[Session, list[str]]:
-        """A new session; also the ids of the sessions removed to make room or idle too long."""
+    def create(
+        self, system_prompt: str, defaults: SamplingDefaults, keep: Collection[str] = ()
+    ) -> tuple[Session, list[str]]:
+        """A new session; also the ids of the sessions removed to make room or idle too long
+        (never those in `keep`: they are answering)."""
         now = time.time()
         session_id = uuid.uuid4().hex
         with self._lock, self._transaction():
-            removed = self._expire(now, room_for=1)
+            removed = self._expire(now, room_for=1, keep=keep)
             self._db.execute(
                 "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -165,12 +168,12 @@ class SessionStore:
                 (now, drop, session_id),
             )
 
-    def expire(self) -> list[str]:
-        """Remove idle and surplus sessions now; their ids."""
+    def expire(self, keep: Collection[str] = ()) -> list[str]:
+        """Remove idle and surplus sessions now, except those in `keep`; their ids."""
         with self._lock, self._transaction():
-            return self._expire(time.time(), room_for=0)
+            return self._expire(time.time(), room_for=0, keep=keep)
 
-    def _expire(self, now: float, room_for: int) -> list[str]:
+    def _expire(self, now: float, room_for: int, keep: set[str]) -> list[str]:
         ids = []
         if self.idle_expiry_seconds:
             ids += [
@@ -179,17 +182,19 @@ class SessionStore:
                     "SELECT id FROM sessions WHERE updated_at < ?",
                     (now - self.idle_expiry_seconds,),
                 )
+                if r[0] not in keep
             ]
         (count,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
         surplus = count - len(ids) + room_for - self.max_sessions
         if surplus > 0:  # the least recently used make room
-            placeholders = ",".join("?" * len(ids))
+            skip = [*ids, *keep]
+            placeholders = ",".join("?" * len(skip))
             ids += [
                 r[0]
                 for r in self._db.execute(
                     f"SELECT id FROM sessions WHERE id NOT IN ({placeholders}) "
                     "ORDER BY updated_at, id LIMIT ?",
-                    (*ids, surplus),
+                    (*skip, surplus),
                 )
             ]
         self._db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
@@ -208,7 +213,8 @@ class SessionStore:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk I/O error)
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 

@@ -158,5 +158,9 @@ class NotFoundError(LookupError):
     """No such session (NOT_FOUND)."""
 
 
-class BusyError(Exception):
-    """The session is already answering another message (FAILED_PRECONDITION)."""
+class PreconditionError(Exception):
+    """The server or the session is not in a state that allows this (FAILED_PRECONDITION)."""
+
+
+class BusyError(PreconditionError):
+    """The session is already answering another message."""

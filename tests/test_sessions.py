@@ -171,11 +171,16 @@ def test_two_answers_at_once_in_one_session_are_refused(stub) -> None:
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "still answering" in err.value.details()
     first.cancel()
-    # A cancelled answer is not stored, nor is its question; the session is free again.
-    time.sleep(0.2)
-    assert history(stub, session_id) == []
+    # A cancelled answer is not stored, nor is its question; the session is free at once.
     say(stub, session_id, "Hello")
     assert len(history(stub, session_id)) == 2
+    for _ in range(5):  # cancel, and send the next message straight away
+        call = stub.Generate(request)
+        next(call)
+        call.cancel()
+        say(stub, session_id, "Hello")
+    assert len(history(stub, session_id)) == 12
+    assert all(content != "Count to a thousand." for _, content in history(stub, session_id))
 
 
 def test_a_session_deleted_during_its_answer_is_not_brought_back(stub) -> None:
@@ -220,7 +225,12 @@ def test_bad_session_requests(stub, fields: dict, message: str) -> None:
 
 
 def test_bad_session_settings_and_pages(stub) -> None:
+    hi = [pb.Message(role="user", content="hi")]
     bad = [
+        lambda: stub.GetSession(pb.GetSessionRequest(id="../../etc/passwd")),
+        lambda: stub.DeleteSession(pb.DeleteSessionRequest(id="x" * 20_000)),
+        lambda: list(stub.Generate(pb.GenerateRequest(session_id="nope", messages=hi))),
+        lambda: stub.CreateSession(pb.CreateSessionRequest(system_prompt="word " * 600)),
         lambda: stub.CreateSession(pb.CreateSessionRequest(defaults=pb.SamplingDefaults(top_p=0))),
         lambda: stub.CreateSession(
             pb.CreateSessionRequest(defaults=pb.SamplingDefaults(max_tokens=10**6))
@@ -233,6 +243,10 @@ def test_bad_session_settings_and_pages(stub) -> None:
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert len(err.value.details()) < 300
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetSession(pb.GetSessionRequest(id="0" * 32))  # well formed, but no such session
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_list_pages_through_every_session_once(stub) -> None:
@@ -341,10 +355,13 @@ def test_store_retention(tmp_path: Path) -> None:
     store = SessionStore(tmp_path / "s.sqlite3", max_sessions=3, idle_expiry_seconds=0)
     ids = [store.create("", SamplingDefaults())[0].id for _ in range(3)]
     store.commit_turn(ids[0], ChatMessage("user", "u"), ChatMessage("assistant", "a"))
+    _, removed = store.create("", SamplingDefaults(), keep={ids[1]})  # ids[1] is answering
+    assert removed == [ids[2]]  # the least recently used one not answering
     _, removed = store.create("", SamplingDefaults())
-    assert removed == [ids[1]]  # the least recently used one, not the oldest created
+    assert removed == [ids[1]]
     with pytest.raises(NotFoundError):
         store.get(ids[1])
+    assert store.expire(keep=set(ids)) == []
 
     idle = SessionStore(tmp_path / "i.sqlite3", max_sessions=10, idle_expiry_seconds=0.3)
     session, _ = idle.create("", SamplingDefaults())
