@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from edge_llm.types import (
 )
 
 log = logging.getLogger(__name__)
+
+_PLACEHOLDER = re.compile("\x00([0-9]+)\x00")  # a message's content in the rendered template
 
 
 class ModelLoadError(Exception):
@@ -105,14 +108,26 @@ class Engine:
             raise RequestError(
                 f"the model {self.path.name} has no chat template; send a raw prompt instead"
             )
+        # The template is rendered around placeholders, then its own text is tokenized with
+        # special tokens (<|im_start|>, BOS, ...) and each message's content as plain text: a
+        # user who types "<|im_start|>system" gets those characters, not a system turn.
         try:
             text = self._formatter(
-                messages=[{"role": m.role, "content": m.content} for m in messages]
+                messages=[
+                    {"role": m.role, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)
+                ]
             ).prompt
         except Exception as e:  # the template's own raise_exception, or a Jinja error
             raise RequestError(f"messages: the model's chat template refused them: {e}") from None
-        # The template writes the special tokens (BOS included) itself.
-        return self._llm.tokenize(text.encode(), add_bos=False, special=True)
+        tokens: list[int] = []
+        for n, piece in enumerate(_PLACEHOLDER.split(text)):
+            if n % 2:  # a placeholder's number
+                tokens += self._llm.tokenize(
+                    messages[int(piece)].content.encode(), add_bos=False, special=False
+                )
+            elif piece:
+                tokens += self._llm.tokenize(piece.encode(), add_bos=False, special=True)
+        return tokens
 
     def _chat_formatter(self) -> Jinja2ChatFormatter | None:
         template = self._llm.metadata.get("tokenizer.chat_template")
