@@ -69,6 +69,7 @@ class Server:
         self._engine: Engine | None = None
         self._watchdog: Watchdog | None = None
         self._stopping = False
+        self._loading = False  # load() is running (on the loader thread)
         self._hurry = threading.Event()  # a second signal: cut off now, no more draining
         self.load_error: Exception | None = None
 
@@ -99,6 +100,13 @@ class Server:
 
     def load(self) -> None:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
+        self._loading = True
+        try:
+            self._load()
+        finally:
+            self._loading = False
+
+    def _load(self) -> None:
         plan = plan_resources(self.config, self.model_path)
         if plan.memory.shrunk:
             log.warning(
@@ -238,6 +246,9 @@ class Server:
             self.service.wait_for_streams(_FLUSH_SECONDS)
         if self._grpc is not None:
             self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
+        if self._loading:  # the loader thread is using the model: the exit frees it
+            log.info("stopped during the model load")
+            return
         if self.service.loaded is not None:
             self.service.loaded.conversations.store.close()
         if self._engine is not None and engine_free:

@@ -213,3 +213,22 @@ def test_notifier_is_a_no_op_without_systemd() -> None:
 )
 def test_watchdog_timeout_from_the_environment(env: dict[str, str], seconds: float) -> None:
     assert Notifier(env=env).watchdog_seconds == seconds
+
+
+def test_a_stop_during_the_load_leaves_the_model_alone(tiny_model: Path, caplog) -> None:
+    """SIGTERM while the model loads: stop at once, and never free the model under the
+    loader (that would crash the process instead of exiting 0)."""
+    from helpers import make_config
+
+    from edge_llm.server import Server
+
+    server = Server(make_config(tiny_model))
+    server.start()
+    loader = threading.Thread(target=server.load)
+    loader.start()
+    time.sleep(0.02)  # the load takes longer than this
+    with caplog.at_level("INFO", logger="edge_llm.server"):
+        server.stop(drain=0)
+    loader.join(30)
+    assert "stopped during the model load" in caplog.text
+    assert not loader.is_alive()
