@@ -83,9 +83,9 @@ class Board:
     model: str  # the CPU's or the board's name
     features: frozenset[str]
     cpus: tuple[Cpu, ...]  # online CPUs this process may run on (affinity)
-    cpu_quota: float | None  # CPUs allowed by cgroup v2 cpu.max; None when unlimited
+    cpu_quota: float | None  # CPUs allowed by the cgroup CPU quota; None when unlimited
     mem_available: int | None  # bytes, /proc/meminfo MemAvailable
-    mem_limit: int | None  # bytes, the tightest cgroup v2 memory.max / memory.high
+    mem_limit: int | None  # bytes, the tightest cgroup memory limit (v2 max/high, v1 limit)
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -145,15 +145,14 @@ def detect(root: Path = LIVE) -> Board:
     cpus = tuple(
         _cpu(root, i, parts.get(i, "")) for i in ids if allowed is None or i in allowed
     ) or (Cpu(0, 0, 0),)
-    cgroup = _cgroup_dir(root)
     return Board(
         arch=arch,
         model=_model(root, first, cpus),
         features=features,
         cpus=cpus,
-        cpu_quota=_cpu_quota(root, cgroup),
+        cpu_quota=_cpu_quota(root),
         mem_available=_meminfo(root, "MemAvailable"),
-        mem_limit=_memory_limit(root, cgroup),
+        mem_limit=_memory_limit(root),
         warnings=_warnings(root),
     )
 
@@ -282,38 +281,55 @@ def _cpu(root: Path, i: int, name: str) -> Cpu:
     return Cpu(i, min(siblings, default=i), capacity, name)
 
 
-def _cgroup_dir(root: Path) -> Path | None:
-    """This process's cgroup v2 directory, or None without a unified hierarchy."""
+def _cgroup_dirs(root: Path, controller: str) -> list[Path]:
+    """This process's cgroup directory and its parents, where a limit on `controller` may be
+    set: cgroup v2 (the unified hierarchy), or v1 (a hierarchy per controller, as on hybrid
+    systems and older boards). A limit on any of them applies."""
+    dirs = []
     for line in (_read(root / "proc/self/cgroup") or "").splitlines():
-        if line.startswith("0::"):
-            return root / "sys/fs/cgroup" / line[3:].strip().lstrip("/")
-    return None
-
-
-def _ancestors(root: Path, cgroup: Path) -> list[Path]:
-    """The cgroup and its parents up to the hierarchy's root: a limit anywhere applies."""
-    top = root / "sys/fs/cgroup"
-    dirs = [cgroup]
-    while dirs[-1] != top and top in dirs[-1].parents:
-        dirs.append(dirs[-1].parent)
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        names = controllers.split(",")
+        if controllers == "":  # v2
+            candidates = [root / "sys/fs/cgroup"]
+        elif controller in names:  # v1, mounted under its own name or the joined list
+            candidates = [root / "sys/fs/cgroup" / controllers, root / "sys/fs/cgroup" / controller]
+        else:
+            continue
+        for top in candidates:
+            d = top / path.strip().lstrip("/")
+            if d.is_dir():
+                dirs.append(d)
+                while d != top and top in d.parents:
+                    d = d.parent
+                    dirs.append(d)
+                break
     return dirs
 
 
-def _cpu_quota(root: Path, cgroup: Path | None) -> float | None:
+def _cpu_quota(root: Path) -> float | None:
     limits = []
-    for d in _ancestors(root, cgroup) if cgroup else []:
-        fields = (_read(d / "cpu.max") or "").split()
+    for d in _cgroup_dirs(root, "cpu"):
+        fields = (_read(d / "cpu.max") or "").split()  # v2: "quota period" or "max period"
         if len(fields) == 2 and fields[0] != "max":
             limits.append(int(fields[0]) / int(fields[1]))
+        quota = (_read(d / "cpu.cfs_quota_us") or "").strip()  # v1: -1 without a limit
+        period = (_read(d / "cpu.cfs_period_us") or "").strip()
+        if quota.isdigit() and period.isdigit() and int(period):
+            limits.append(int(quota) / int(period))
     return min(limits, default=None)
 
 
-def _memory_limit(root: Path, cgroup: Path | None) -> int | None:
+_V1_NO_LIMIT = 1 << 62  # v1 says "no limit" with the largest page-aligned count
+
+
+def _memory_limit(root: Path) -> int | None:
     limits = []
-    for d in _ancestors(root, cgroup) if cgroup else []:
-        for name in ("memory.max", "memory.high"):
+    for d in _cgroup_dirs(root, "memory"):
+        for name in ("memory.max", "memory.high", "memory.limit_in_bytes"):
             text = (_read(d / name) or "").strip()
-            if text.isdigit():
+            if text.isdigit() and int(text) < _V1_NO_LIMIT:
                 limits.append(int(text))
     return min(limits, default=None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,13 +63,38 @@ def test_cgroup_limits_take_the_tightest_ancestor() -> None:
     assert board("intel-i5-8250u").mem_limit is None
 
 
+def test_cgroup_v1_limits_on_a_hybrid_system(tmp_path: Path) -> None:
+    """Memory and CPU on v1 hierarchies, an empty unified one beside them (systemd's hybrid
+    mode, older boards): MemoryMax= and CPUQuota= still reach the plan."""
+    root = tmp_path / "hybrid"
+    shutil.copytree(BOARDS / "raspberry-pi-4", root)
+    service = "system.slice/edge-llm.service"
+    (root / "proc/self/cgroup").write_text(
+        f"7:memory:/{service}\n4:cpu,cpuacct:/{service}\n1:name=systemd:/{service}\n0::/\n"
+    )
+    shutil.rmtree(root / "sys/fs/cgroup")
+    files = {
+        f"memory/{service}/memory.limit_in_bytes": "2147483648",
+        "memory/system.slice/memory.limit_in_bytes": "9223372036854771712",  # no limit
+        f"cpu,cpuacct/{service}/cpu.cfs_quota_us": "150000",
+        f"cpu,cpuacct/{service}/cpu.cfs_period_us": "100000",
+        "cpu,cpuacct/cpu.cfs_quota_us": "-1",
+        "cpu,cpuacct/cpu.cfs_period_us": "100000",
+    }
+    for name, text in files.items():
+        path = root / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    b = hardware.detect(root)
+    assert b.mem_limit == 2 * GIB
+    assert b.cpu_quota == 1.5
+
+
 def test_memory_available() -> None:
     assert board("raspberry-pi-4").mem_available == 3512000 * 1024
 
 
 def test_affinity_limits_the_cpus(tmp_path: Path) -> None:
-    import shutil
-
     root = tmp_path / "rk"
     shutil.copytree(BOARDS / "rk3588-orange-pi-5", root)
     (root / "proc/self/status").write_text("Name:\tx\nCpus_allowed_list:\t0-3,6\n")
