@@ -360,7 +360,10 @@ def run(config: Config) -> int:
     # SIGTERM during a long load stops the service at once.
     loader = threading.Thread(target=_load_or_stop, args=(server, stopping), daemon=True)
     loader.start()
-    stopping.wait()
+    # Wake up now and then: Python runs signal handlers on the main thread only, and a signal
+    # the kernel hands to one of gRPC's or llama.cpp's threads does not interrupt a wait here.
+    while not stopping.wait(0.25):
+        pass
     server.stop()
     return 0 if server.load_error is None else 1
 
