@@ -133,11 +133,6 @@ class Scheduler:
         with self._cond:
             return 0.0 if self.running is None else time.monotonic() - self._heartbeat
 
-    def refuse_new(self) -> None:
-        """From now on submit() raises NotReadyError: the server is going away."""
-        with self._cond:
-            self._accepting = False
-
     def drain(self, timeout: float) -> bool:
         """Refuse new jobs and let the accepted ones finish; False if some were still there."""
         deadline = time.monotonic() + timeout

@@ -258,8 +258,8 @@ class Server:
         log.info("stopped")
 
     def _drain(self, scheduler: Scheduler, seconds: float) -> None:
-        """Let accepted requests finish, for up to `seconds` or until hurry()."""
-        scheduler.refuse_new()
+        """Let accepted requests finish, for up to `seconds` or until hurry(); the first
+        drain() call refuses new ones."""
         deadline = time.monotonic() + seconds
         while not scheduler.drain(min(0.5, max(0.0, deadline - time.monotonic()))):
             if self._hurry.is_set() or time.monotonic() >= deadline:

@@ -12,6 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
+
 from edge_llm.config import Config
 from edge_llm.server import Server
 
@@ -60,6 +64,16 @@ class ServeProcess:
         if not self._listening.wait(60) or self._port is None:
             raise AssertionError("the server did not start listening; its log:\n" + self.log)
         return self._port
+
+    def wait_until_serving(self, timeout: float = 60) -> None:
+        """Until health says SERVING: the model is loaded and warmed up."""
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            watch = HealthStub(channel).Watch(HealthCheckRequest(), timeout=timeout)
+            for response in watch:
+                if response.status == HealthCheckResponse.SERVING:
+                    watch.cancel()
+                    return
+        raise AssertionError("health never turned SERVING; its log:\n" + self.log)
 
     @property
     def log(self) -> str:

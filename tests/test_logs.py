@@ -94,6 +94,7 @@ def generate(port: int, max_tokens: int = 6) -> None:
         request = pb.GenerateRequest(
             messages=[pb.Message(role="user", content=f"Remember {SECRET}.")],
             max_tokens=max_tokens,
+            ignore_eos=True,  # exactly max_tokens: the tests look for that count
         )
         list(pb_grpc.EdgeLLMStub(ch).Generate(request, timeout=60))
 
@@ -145,11 +146,9 @@ def test_journal_records_carry_request_fields(
 def test_stderr_lines_without_systemd_and_no_prompt_text(tiny_model: Path) -> None:
     server = ServeProcess(tiny_model, env={"JOURNAL_STREAM": "1:1"})  # not our stderr
     try:
-        port = server.port
+        server.wait_until_serving()
+        generate(server.port)
         deadline = time.monotonic() + 60
-        while "ready:" not in server.log and time.monotonic() < deadline:
-            time.sleep(0.05)
-        generate(port)
         while "+ 6 completion tokens" not in server.log and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:

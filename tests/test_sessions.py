@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import ServeProcess, start_server
 from test_health_reflection import grpcurl
 
@@ -311,9 +310,9 @@ def test_kill_9_loses_no_acknowledged_turn(tiny_model: Path) -> None:
     state = tempfile.mkdtemp(prefix="edge-llm-state-")
     server = ServeProcess(tiny_model, env={"EDGE_LLM_STATE_DIR": state})
     try:
+        server.wait_until_serving()
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = pb_grpc.EdgeLLMStub(ch)
-            wait_until_serving(ch)
             session_id = new_session(stub)
             answers = [say(stub, session_id, q)[0] for q in QUESTIONS[:2]]
             # A third answer is streaming, not finished, when the process dies.
@@ -328,9 +327,9 @@ def test_kill_9_loses_no_acknowledged_turn(tiny_model: Path) -> None:
 
     restarted = ServeProcess(tiny_model, env={"EDGE_LLM_STATE_DIR": state})
     try:
+        restarted.wait_until_serving()
         with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as ch:
             stub = pb_grpc.EdgeLLMStub(ch)
-            wait_until_serving(ch)
             assert history(stub, session_id) == [
                 ("user", QUESTIONS[0]), ("assistant", answers[0]),
                 ("user", QUESTIONS[1]), ("assistant", answers[1]),
@@ -340,15 +339,6 @@ def test_kill_9_loses_no_acknowledged_turn(tiny_model: Path) -> None:
     finally:
         restarted.proc.terminate()
         restarted.wait(30)
-
-
-def wait_until_serving(channel: grpc.Channel) -> None:
-    """Wait until the restarted server has loaded its model (health SERVING)."""
-    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
-    for response in watch:
-        if response.status == health_pb2.HealthCheckResponse.SERVING:
-            watch.cancel()
-            return
 
 
 def test_store_retention(tmp_path: Path) -> None:
