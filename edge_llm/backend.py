@@ -4,24 +4,34 @@ scripts/bootstrap builds llama.cpp with GGML_BACKEND_DL and GGML_CPU_ALL_VARIANT
 one shared library per CPU generation (x64, sse42, haswell, skylakex, icelake, zen4, ...; on ARM
 armv8.0 ... armv9.2). llama-cpp-python's wheel installs them in site-packages/bin/ and loads
 none, so a model load fails with "no backends are loaded" until one is loaded here. Each variant
-exports ggml_backend_score(): 0 when this CPU lacks its instructions, higher for newer ones. The
-best score wins; a forced variant that scores 0 is refused, so it never dies with SIGILL. A build
-with its CPU backend linked in (one native variant) needs nothing and is reported as "native".
+exports ggml_backend_score(): 0 when this CPU lacks its instructions, higher for newer ones.
+
+A score is what the CPU claims, not what runs (an AMX Xeon dies in the top-scored variant), so
+no variant is loaded here before it passed a self-test in a child process (cpucheck.py): the
+candidates are tried best score first, and the first that passes is loaded. A forced variant is
+tested too, and refused with the reason if it fails; one the CPU cannot run at all is refused
+without a try. A build with its CPU backend linked in (one native variant) is reported as
+"native".
 """
 
 from __future__ import annotations
 
-import _ctypes
 import ctypes
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
+
+from edge_llm import cpucheck
+
+log = logging.getLogger(__name__)
 
 PREFIX = "libggml-cpu-"
 
 
 class BackendError(Exception):
-    """The requested CPU variant is unknown, or this CPU cannot run it."""
+    """The requested CPU variant is unknown, this CPU cannot run it, or it failed its test."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +40,18 @@ class CpuBackend:
     path: str
     scores: dict[str, int]  # every variant of this build: 0 = this CPU cannot run it
     forced: bool = False
+    rejected: dict[str, str] = field(default_factory=dict)  # variant -> how its self-test failed
+    tested: str = ""  # "tested now", or "verdict remembered" from an earlier start
 
     @property
     def why(self) -> str:
         if self.variant == "native":
             return "a native build: its one CPU backend is linked in"
+        if self.forced:
+            how = f"forced by configuration; it passed its self-test ({self.tested})"
+        else:
+            how = f"the best-scored variant that passed a self-test on this CPU ({self.tested})"
         runnable = sorted((v for v, s in self.scores.items() if s), key=self.scores.__getitem__)
-        how = "forced by configuration" if self.forced else "the highest score ggml gives"
         return f"{how}; this CPU can run {', '.join(runnable)}"
 
 
@@ -58,20 +73,9 @@ def variants() -> dict[str, Path]:
     return {p.name.removeprefix(PREFIX).removesuffix(".so"): p for p in found}
 
 
-def _score(path: Path) -> int:
-    lib = ctypes.CDLL(str(path))
-    try:
-        score = lib.ggml_backend_score
-        score.restype = ctypes.c_int
-        return int(score())
-    except AttributeError:
-        return 0
-    finally:
-        _ctypes.dlclose(lib._handle)
-
-
-def load(variant: str = "auto") -> CpuBackend:
-    """Load the best (or the named) CPU variant once per process; later calls return it."""
+def load(variant: str = "auto", model: Path | None = None) -> CpuBackend:
+    """Load the best (or the named) CPU variant that passes its self-test on `model`'s weight
+    types (common types when None), once per process; later calls return it."""
     global _loaded
     if _loaded is not None:
         if variant not in ("auto", _loaded.variant):
@@ -88,28 +92,118 @@ def load(variant: str = "auto") -> CpuBackend:
                                f"{variant!r} cannot be loaded (run scripts/bootstrap)")  # fmt: skip
         _loaded = CpuBackend("native", str(lib_dir), {})
         return _loaded
+    chosen = _choose(lib_dir, found, variant, model)
     # The soname libllama links, not libggml.so: the wheel holds two copies of the library, and
-    # a backend registered in the other copy is invisible to llama.cpp. Loading it first also
-    # puts libggml-base in the process, which every variant needs.
+    # a backend registered in the other copy is invisible to llama.cpp.
     ggml = ctypes.CDLL(str(lib_dir / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
-    scores = {name: _score(path) for name, path in found.items()}
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    if not ggml.ggml_backend_load(chosen.path.encode()):
+        raise BackendError(f"ggml could not load {chosen.path}")
+    _loaded = chosen
+    return _loaded
+
+
+def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | None) -> CpuBackend:
+    cases = cpucheck.model_cases(lib_dir, model) if model else cpucheck.DEFAULT_CASES
+    verdicts = cpucheck.Verdicts(cpucheck.verdict_file(), cpucheck.key(lib_dir, found, cases))
+    scores = verdicts.scores or cpucheck.scores(lib_dir, found)
+    verdicts.scores = scores
+    runnable = sorted((v for v in found if scores.get(v)), key=scores.__getitem__, reverse=True)
     if variant == "auto":
-        chosen = max(scores, key=scores.__getitem__)
-        if scores[chosen] == 0:
+        if not runnable:
             raise BackendError(f"this CPU can run none of the CPU variants: {', '.join(found)}")
     elif variant not in found:
         raise BackendError(f"unknown CPU variant {variant!r}; this build has: {', '.join(found)}")
-    elif scores[variant] == 0:
-        runnable = [v for v, s in scores.items() if s]
+    elif not scores.get(variant):
         raise BackendError(
             f"this CPU cannot run the {variant} variant (it lacks instructions that variant "
             f"uses); variants it can run: {', '.join(runnable) or 'none'}"
         )
-    else:
-        chosen = variant
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-    if not ggml.ggml_backend_load(str(found[chosen]).encode()):
-        raise BackendError(f"ggml could not load {found[chosen]}")
-    _loaded = CpuBackend(chosen, str(found[chosen]), scores, forced=variant != "auto")
-    return _loaded
+    test = _SelfTest(lib_dir, found, cases, runnable[-1], verdicts)
+    candidates = runnable if variant == "auto" else [variant]
+    chosen = next((v for v in candidates if not test.verdict(v)), None)
+    if chosen is None and variant != "auto":
+        passed = [v for v in runnable if not test.verdict(v)]
+        test.finish()
+        raise BackendError(
+            f"the {variant} variant failed its self-test on this CPU: {test.rejected[variant]}; "
+            f"variants that passed: {', '.join(passed) or 'none'} (or leave cpu_variant = auto)"
+        )
+    test.finish()
+    if chosen is None:
+        causes = "; ".join(f"{v}: {cause}" for v, cause in test.rejected.items())
+        raise BackendError(f"no CPU variant passed its self-test on this CPU ({causes})")
+    return CpuBackend(chosen, str(found[chosen]), scores, forced=variant != "auto",
+                      rejected=test.rejected, tested=test.how)  # fmt: skip
+
+
+class _SelfTest:
+    """Verdicts for variants, remembered or run now. A variant run now is compared with the
+    `reference`, the plainest variant this CPU runs, which runs beside the first one."""
+
+    def __init__(self, lib_dir: Path, found: dict[str, Path], cases: tuple[cpucheck.Case, ...],
+                 reference: str, verdicts: cpucheck.Verdicts) -> None:  # fmt: skip
+        self._lib_dir, self._found, self._cases = lib_dir, found, cases
+        self._reference_name = reference
+        self._reference: cpucheck.Trial | None = None
+        self._reference_outcome: cpucheck.Outcome | None = None
+        self._verdicts = verdicts
+        self.rejected: dict[str, str] = {}
+        self._ran: list[str] = []
+        self._started = time.monotonic()
+
+    def verdict(self, variant: str) -> str:
+        """ "" when the variant passed, else why it failed."""
+        if variant in self._verdicts.outcomes:
+            cause = self._verdicts.outcomes[variant]
+        else:
+            cause = self._run(variant)
+            self._verdicts.outcomes[variant] = cause
+        if cause:
+            self.rejected[variant] = cause
+        return cause
+
+    def _run(self, variant: str) -> str:
+        self._ran.append(variant)
+        trial = cpucheck.Trial(self._lib_dir, self._found[variant], self._cases)
+        if variant == self._reference_name:
+            self._reference_outcome = trial.outcome()
+            return self._reference_outcome.failure
+        if self._reference is None and self._reference_outcome is None:
+            self._reference = cpucheck.Trial(
+                self._lib_dir, self._found[self._reference_name], self._cases
+            )
+        outcome = trial.outcome()
+        if outcome.failure:
+            return outcome.failure
+        reference = self._reference_numbers()
+        return cpucheck.differs(outcome, reference) if reference is not None else ""
+
+    def _reference_numbers(self) -> cpucheck.Outcome | None:
+        if self._reference is not None:
+            self._reference_outcome = self._reference.outcome()
+            self._reference = None
+        ref = self._reference_outcome
+        if ref is None or ref.failure:
+            log.warning("the reference CPU variant %s failed its self-test (%s): the others are "
+                        "checked to run, not for their numbers", self._reference_name,
+                        ref.failure if ref else "not run")  # fmt: skip
+            return None
+        return ref
+
+    def finish(self) -> None:
+        """Remember the verdicts (and say how long the self-test took)."""
+        if self._reference is not None:
+            self._reference.outcome()
+        if not self._ran:
+            return
+        log.info("CPU variant self-test: ran %s in %.1f s", ", ".join(self._ran),
+                 time.monotonic() - self._started)  # fmt: skip
+        if problem := self._verdicts.save():
+            log.warning("CPU variant verdicts not remembered (%s): the self-test runs again at "
+                        "the next start", problem)  # fmt: skip
+
+    @property
+    def how(self) -> str:
+        return "tested now" if self._ran else "verdict remembered"

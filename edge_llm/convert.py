@@ -290,6 +290,7 @@ def info_to_pb(
             threads_reason=runtime.threads_reason,
             cpu_variant=runtime.cpu_variant,
             cpu_variant_reason=runtime.cpu_variant_reason,
+            cpu_variants_rejected=runtime.cpu_variants_rejected,
         ),
         limits=limits.to_pb(),
         memory=pb.MemoryPlan(

@@ -37,10 +37,12 @@ def report(config: Config) -> dict[str, Any]:
         "warnings": list(board.warnings),
     }
     try:
-        cpu = backend.load(config.cpu_variant)
+        cpu = backend.load(config.cpu_variant, path if path.is_file() else None)
         out["cpu_backend"] = {
             "variant": cpu.variant,
             "why": cpu.why,
+            "rejected": cpu.rejected,
+            "self_test": cpu.tested,
             "expected_from_cpu_flags": hardware.expected_variant(board),
             "scores": cpu.scores,
             "uses": list(cpu_features_used(system_info())),
@@ -91,6 +93,8 @@ def main(config: Config, as_json: bool) -> int:
         print(f"threads   {t['generation']} generation, {t['prompt']} prompt ({t['why']})")
     if c := r.get("cpu_backend"):
         print(f"backend   {c['variant']} ({c['why']})")
+        for variant, cause in c["rejected"].items():
+            print(f"rejected  {variant}: {cause}")
         print(f"          uses {' '.join(c['uses'])}")
     print(f"model     {r['model']['path']}")
     if "memory" in r:

@@ -60,7 +60,7 @@ class Engine:
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         self.path = path
         self.settings = settings
-        backend.load()  # no-op when the server already loaded its choice
+        backend.load(model=path)  # no-op when the server already loaded its choice
         try:
             # The library prints its own load log through stderr; keep it for debug level only.
             self._llm = llama_cpp.Llama(
@@ -287,7 +287,7 @@ class Engine:
 
 def read_shape(path: Path) -> ModelShape:
     """The model's dimensions from its GGUF metadata (a vocabulary-only load: no weights)."""
-    backend.load()
+    backend.load(model=path)
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     try:

@@ -116,6 +116,8 @@ class Server:
                 plan.memory.context_length,
             )
         log.info("cpu backend: %s (%s)", plan.cpu.variant, plan.cpu.why)
+        for variant, cause in plan.cpu.rejected.items():
+            log.warning("cpu backend: %s is not used: its self-test failed (%s)", variant, cause)
         log.info("board: %s; threads: %d generation, %d prompt (%s)", plan.board.model,
                  plan.settings.threads, plan.settings.threads_batch, plan.threads_why)  # fmt: skip
         log.info("memory plan: %s", plan.memory.describe())
@@ -159,6 +161,7 @@ class Server:
             threads_reason=plan.threads_why,
             cpu_variant=plan.cpu.variant,
             cpu_variant_reason=plan.cpu.why,
+            cpu_variants_rejected=plan.cpu.rejected,
             versions={
                 "llama_cpp_python": version("llama-cpp-python"),
                 "grpcio": grpc.__version__,
@@ -286,9 +289,10 @@ class ResourcePlan:
 def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
     """CPU variant and threads from the board, the context from the memory budget.
 
-    Configured values win. Loads the CPU backend: llama.cpp can read no model before that.
+    Configured values win. Loads the CPU backend (llama.cpp can read no model before that): the
+    best variant that passes a self-test on this model's weight types.
     """
-    cpu = backend.load(config.cpu_variant)
+    cpu = backend.load(config.cpu_variant, model_path)
     board = hardware.detect()
     threads = hardware.plan_threads(board)
     plan = memory.plan(

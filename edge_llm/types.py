@@ -106,6 +106,7 @@ class RuntimeInfo:
     threads_reason: str = ""
     cpu_variant: str = ""
     cpu_variant_reason: str = ""
+    cpu_variants_rejected: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
 

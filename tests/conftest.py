@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,22 @@ from helpers import start_server
 from edge_llm import models
 from edge_llm.server import Server
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The CPU variant verdicts of this run go to a cache of its own (the developer's stay
+    untouched, and the self-test really runs); models are still read from the real cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "EDGE_LLM_MODELS_DIR")}
+    os.environ["EDGE_LLM_MODELS_DIR"] = str(models.models_dir())
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,61 @@
-"""The all-variants llama.cpp build: the right CPU variant is chosen, forced, or refused."""
+"""The all-variants llama.cpp build: a CPU variant is used only once it passed its self-test.
+
+Nothing here depends on ggml's first choice running: a variant that crashes is what the
+self-test is for, and a fake one that claims the top score and dies proves the fallback on any
+machine. Every variant that might crash runs in a child process, never in pytest's.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from helpers import ServeProcess
 
-from edge_llm import backend
+from edge_llm import backend, cpucheck, hardware
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.skipif(not backend.variants(), reason="a one-variant (native) build")
 
+# Claims a score above every real variant and dies with SIGILL when ggml initialises it, as a
+# variant using instructions the CPU only claims to have would.
+CRASHING_VARIANT = """
+int ggml_backend_score(void) { return 1 << 24; }
+void *ggml_backend_init(void) { __builtin_trap(); return 0; }
+"""
 
-def doctor(*args: str) -> dict:
+
+def doctor(*args: str, env: dict[str, str] | None = None) -> dict:
     result = subprocess.run([sys.executable, "-m", "edge_llm", "doctor", "--json", *args],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **(env or {})})  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture
+def crashing_top(tmp_path: Path) -> dict[str, str]:
+    """The environment of a process whose llama_cpp is the real one, but whose variants are the
+    real ones plus `crashy`, which scores highest and dies (a site-packages of symlinks), and
+    whose verdict cache is new."""
+    site = tmp_path
+    lib_dir, _ = backend._dirs()
+    (site / "llama_cpp").symlink_to(lib_dir.parent)
+    (site / "bin").mkdir()
+    for path in backend.variants().values():
+        (site / "bin" / path.name).symlink_to(path)
+    source = site / "crashy.c"
+    source.write_text(CRASHING_VARIANT)
+    lib = site / "bin" / f"{backend.PREFIX}crashy.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
+    return {"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(site / "cache")}
 
 
 def test_the_build_carries_every_variant() -> None:
@@ -28,28 +64,105 @@ def test_the_build_carries_every_variant() -> None:
         assert {"x64", "sse42", "haswell", "skylakex", "icelake", "zen4"} <= names
 
 
-def test_auto_picks_the_best_variant_this_cpu_runs(tiny_model: Path) -> None:
-    report = doctor("--model", str(tiny_model))
-    cpu = report["cpu_backend"]
-    scores = cpu["scores"]
-    assert cpu["variant"] == max(scores, key=scores.get)
-    flags = set(report["board"]["features"])
-    if {"avx512f", "avx512_vnni", "avx512_bf16"} <= flags:  # this machine: Zen 5 / Cooper Lake+
-        assert cpu["variant"] in ("zen4", "cooperlake", "sapphirerapids")
-        assert "AVX512_BF16" in cpu["uses"]
-    elif "avx2" in flags:
-        assert scores[cpu["variant"]] >= scores["haswell"]
+def test_the_chosen_variant_passed_and_every_better_scored_one_failed(tiny_model: Path) -> None:
+    cpu = doctor("--model", str(tiny_model))["cpu_backend"]
+    scores, chosen = cpu["scores"], cpu["variant"]
+    assert chosen not in cpu["rejected"]
+    better = {v for v, s in scores.items() if s > scores[chosen]}
+    assert better == set(cpu["rejected"]), "a better variant was skipped without a cause"
+    assert all(cause for cause in cpu["rejected"].values())
+    assert cpu["self_test"] == "tested now"
+    assert "passed a self-test" in cpu["why"]
+
+
+def test_ggml_scores_highest_what_the_cpu_flags_call_for() -> None:
+    """ggml's score (what the CPU claims) agrees with our flag table; whether that variant
+    runs is the self-test's business."""
+    scores = backend.load().scores
+    expected = hardware.expected_variant(hardware.detect())
+    assert expected is not None and scores[expected] == max(scores.values())
+
+
+def test_top_variant_crashing_falls_back_and_says_why(tiny_model: Path, crashing_top) -> None:
+    cpu = doctor("--model", str(tiny_model), env=crashing_top)["cpu_backend"]
+    assert cpu["variant"] != "crashy"
+    assert cpu["rejected"]["crashy"] == "killed by SIGILL during loading the variant"
+    assert cpu["self_test"] == "tested now"
+    text = subprocess.run([sys.executable, "-m", "edge_llm", "doctor", "--model", str(tiny_model)],
+                          capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, **crashing_top}).stdout  # fmt: skip
+    assert "rejected  crashy: killed by SIGILL during loading the variant" in text
+    # The verdicts are remembered: the next start runs no child, and still says why.
+    again = doctor("--model", str(tiny_model), env=crashing_top)["cpu_backend"]
+    assert again["self_test"] == "verdict remembered"
+    assert (again["variant"], again["rejected"]) == (cpu["variant"], cpu["rejected"])
+
+
+def test_serving_falls_back_from_a_crashing_variant_and_answers(tiny_model, crashing_top) -> None:
+    server = ServeProcess(tiny_model, env=crashing_top)
+    try:
+        server.wait_until_serving()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            runtime = stub.GetInfo(pb.GetInfoRequest(), timeout=30).runtime
+            assert runtime.cpu_variant != "crashy"
+            assert "SIGILL" in runtime.cpu_variants_rejected["crashy"]
+            request = pb.GenerateRequest(prompt="Once upon", max_tokens=5, ignore_eos=True)
+            last = list(stub.Generate(request, timeout=60))[-1]
+            assert last.usage.completion_tokens == 5
+        assert "crashy is not used: its self-test failed (killed by SIGILL" in server.log
+    finally:
+        server.kill()
+
+
+def test_a_forced_variant_that_fails_is_refused_with_those_that_pass(tiny_model, crashing_top):
+    result = subprocess.run([sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model),
+                             "--port", "0", "--cpu-variant", "crashy"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **crashing_top})  # fmt: skip
+    assert result.returncode == 1
+    assert "the crashy variant failed its self-test on this CPU: killed by SIGILL" in result.stderr
+    passed = result.stderr.split("variants that passed: ")[1].split(" (")[0].split(", ")
+    assert backend.load().variant in passed
+    assert "Traceback" not in result.stderr
+
+
+def test_a_changed_build_is_tested_again(tiny_model: Path, crashing_top) -> None:
+    doctor("--model", str(tiny_model), env=crashing_top)
+    lib = Path(crashing_top["PYTHONPATH"]) / "bin" / f"{backend.PREFIX}crashy.so"
+    os.utime(lib, ns=(lib.stat().st_atime_ns, lib.stat().st_mtime_ns + 1_000_000_000))
+    assert doctor("--model", str(tiny_model), env=crashing_top)["cpu_backend"]["self_test"] == (
+        "tested now"
+    )
+
+
+def test_a_prompt_sized_batch_and_a_long_answer_run_on_the_chosen_variant(tiny_model) -> None:
+    """The failure this guards against: a variant that survives a 1-token warm-up and dies on
+    the first real prompt. In a child process, so a crash fails this test, not the run."""
+    server = ServeProcess(tiny_model, "--batch-size", "256")
+    try:
+        server.wait_until_serving()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            prompt = "Tell me about the sea, the ships and the harbour. " * 30
+            request = pb.GenerateRequest(prompt=prompt, max_tokens=200, ignore_eos=True)
+            last = list(stub.Generate(request, timeout=120))[-1]
+        assert last.usage.prompt_tokens >= 300
+        assert last.usage.completion_tokens == 200
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        server.kill()
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 variant names")
 def test_an_older_variant_can_be_forced(tiny_model: Path) -> None:
     cpu = doctor("--model", str(tiny_model), "--cpu-variant", "haswell")["cpu_backend"]
     assert cpu["variant"] == "haswell"
+    assert "forced by configuration; it passed its self-test" in cpu["why"]
     assert "AVX2" in cpu["uses"] and "AVX512" not in cpu["uses"]
 
 
 def test_a_variant_the_cpu_cannot_run_is_refused_not_crashed(tiny_model: Path) -> None:
-    scores = doctor("--model", str(tiny_model))["cpu_backend"]["scores"]
+    scores = backend.load().scores
     unrunnable = [v for v, s in scores.items() if s == 0]
     if not unrunnable:
         pytest.skip("this CPU runs every variant of the build")
@@ -63,10 +176,10 @@ def test_unknown_variant_names_the_known_ones(tiny_model: Path) -> None:
 
 
 def test_server_reports_its_variant(stub) -> None:
-    from edge_llm.v1 import edge_llm_pb2 as pb
-
     runtime = stub.GetInfo(pb.GetInfoRequest()).runtime
-    assert runtime.cpu_variant == backend.load().variant
+    loaded = backend.load()
+    assert runtime.cpu_variant == loaded.variant
+    assert dict(runtime.cpu_variants_rejected) == loaded.rejected
     assert runtime.cpu_variant_reason
 
 
@@ -81,3 +194,44 @@ def test_serve_refuses_a_variant_the_cpu_cannot_run(tiny_model: Path) -> None:
     assert result.returncode == 1
     assert f"cannot run the {unrunnable[0]} variant" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the self-test's parts --------------------------------------------------------------------
+
+
+def test_the_cases_are_the_models_weight_matrices(tiny_model: Path) -> None:
+    lib_dir, _ = backend._dirs()
+    cases = cpucheck.model_cases(lib_dir, tiny_model)
+    names = {cpucheck.type_name(cpucheck._ggml(lib_dir), c.type) for c in cases}
+    assert "q4_1" in names  # SmolLM2-135M Q4_1
+    assert cpucheck.F32 not in {c.type for c in cases}
+    assert all(c.rows <= 256 and c.k % 32 == 0 for c in cases)
+    # 576-wide (SmolLM2's embedding) rows: 576 % 128 = 64, kept.
+    assert any(c.k == 576 for c in cases)
+
+
+def test_wrong_numbers_are_caught() -> None:
+    import numpy as np
+
+    ref = np.arange(1, 201, dtype=np.float32).reshape(2, 100)
+    reference = cpucheck.Outcome({"q4_K/256/100/2/CPU": ref})
+    close = cpucheck.Outcome({"q4_K/256/100/2/AMX": ref * 1.001})
+    assert cpucheck.differs(close, reference) == ""
+    for bad in (ref * 0, ref * np.nan, ref[::-1].copy()):
+        cause = cpucheck.differs(cpucheck.Outcome({"q4_K/256/100/2/AMX": bad}), reference)
+        assert cause.startswith("wrong numbers in a 2-token q4_K matmul with AMX weights")
+
+
+def test_verdicts_are_kept_per_key_and_survive_an_unwritable_cache(tmp_path: Path) -> None:
+    path = tmp_path / "cpu-variants.json"
+    v = cpucheck.Verdicts(path, "k1")
+    assert v.scores is None and v.outcomes == {}
+    v.scores, v.outcomes = {"zen4": 7}, {"zen4": "", "sapphirerapids": "killed by SIGILL"}
+    assert v.save() == ""
+    again = cpucheck.Verdicts(path, "k1")
+    assert (again.scores, again.outcomes) == (v.scores, v.outcomes)
+    assert cpucheck.Verdicts(path, "k2").outcomes == {}
+    path.write_text("{not json")
+    assert cpucheck.Verdicts(path, "k1").outcomes == {}  # a damaged file: test again
+    (tmp_path / "a-file").write_text("")
+    assert "a-file" in cpucheck.Verdicts(tmp_path / "a-file" / "v.json", "k").save()

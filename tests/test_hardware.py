@@ -133,14 +133,6 @@ def test_expected_cpu_variant(name: str, variant: str) -> None:
     assert hardware.expected_variant(board(name)) == variant
 
 
-def test_ggml_chooses_what_the_cpu_flags_call_for() -> None:
-    from edge_llm import backend
-
-    if not backend.variants():
-        pytest.skip("a one-variant (native) build")
-    assert backend.load().variant == hardware.expected_variant(hardware.detect())
-
-
 @pytest.mark.parametrize(
     ("name", "context"),
     [

@@ -240,7 +240,14 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., parameter_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., trained_context_length: _Optional[int] = ..., sha256: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class RuntimeInfo(_message.Message):
-    __slots__ = ("edge_llm_version", "llama_cpp_python_version", "grpcio_version", "protobuf_version", "python_version", "threads", "threads_batch", "cpu_features", "system_info", "board", "threads_reason", "cpu_variant", "cpu_variant_reason")
+    __slots__ = ("edge_llm_version", "llama_cpp_python_version", "grpcio_version", "protobuf_version", "python_version", "threads", "threads_batch", "cpu_features", "system_info", "board", "threads_reason", "cpu_variant", "cpu_variant_reason", "cpu_variants_rejected")
+    class CpuVariantsRejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     EDGE_LLM_VERSION_FIELD_NUMBER: _ClassVar[int]
     LLAMA_CPP_PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPCIO_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +261,7 @@ class RuntimeInfo(_message.Message):
     THREADS_REASON_FIELD_NUMBER: _ClassVar[int]
     CPU_VARIANT_FIELD_NUMBER: _ClassVar[int]
     CPU_VARIANT_REASON_FIELD_NUMBER: _ClassVar[int]
+    CPU_VARIANTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     edge_llm_version: str
     llama_cpp_python_version: str
     grpcio_version: str
@@ -267,7 +275,8 @@ class RuntimeInfo(_message.Message):
     threads_reason: str
     cpu_variant: str
     cpu_variant_reason: str
-    def __init__(self, edge_llm_version: _Optional[str] = ..., llama_cpp_python_version: _Optional[str] = ..., grpcio_version: _Optional[str] = ..., protobuf_version: _Optional[str] = ..., python_version: _Optional[str] = ..., threads: _Optional[int] = ..., threads_batch: _Optional[int] = ..., cpu_features: _Optional[_Iterable[str]] = ..., system_info: _Optional[str] = ..., board: _Optional[str] = ..., threads_reason: _Optional[str] = ..., cpu_variant: _Optional[str] = ..., cpu_variant_reason: _Optional[str] = ...) -> None: ...
+    cpu_variants_rejected: _containers.ScalarMap[str, str]
+    def __init__(self, edge_llm_version: _Optional[str] = ..., llama_cpp_python_version: _Optional[str] = ..., grpcio_version: _Optional[str] = ..., protobuf_version: _Optional[str] = ..., python_version: _Optional[str] = ..., threads: _Optional[int] = ..., threads_batch: _Optional[int] = ..., cpu_features: _Optional[_Iterable[str]] = ..., system_info: _Optional[str] = ..., board: _Optional[str] = ..., threads_reason: _Optional[str] = ..., cpu_variant: _Optional[str] = ..., cpu_variant_reason: _Optional[str] = ..., cpu_variants_rejected: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MemoryPlan(_message.Message):
     __slots__ = ("budget_bytes", "total_bytes", "weights_bytes", "kv_cache_bytes", "kv_bytes_per_token", "compute_bytes", "runtime_bytes", "context_length", "requested_context_length", "cache_type", "session_cache_bytes")

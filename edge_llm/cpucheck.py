@@ -1,0 +1,418 @@
+"""Prove a ggml CPU variant in a child process before any process of ours trusts it.
+
+ggml scores a variant by the instructions the CPU reports, not by what runs: on some Xeons the
+top-scored `sapphirerapids` variant dies with SIGILL in its AMX matmul (llama.cpp #26954), and
+only once a prompt-sized batch reaches it. So each candidate runs, in a child process, the
+matrix multiplications the model will run: its weight types and row lengths, at batch 1 and at
+a prompt-sized batch, with the weights in every buffer type ggml would put them in (AMX,
+repacked, plain), exactly as llama.cpp decides that (the device's supports_op). A child that
+dies, hangs or gets numbers that differ from the plainest variant's rules the candidate out.
+backend.py decides what to try; the outcomes are remembered here, keyed by everything that could
+change them (CPU, kernel, build, the cases), so a later start-up runs no child at all.
+
+The child is `python -m edge_llm.cpucheck`; it imports only ctypes and numpy, never llama_cpp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_llm import hardware
+
+BATCHES = (1, 100)  # a token being generated; a prompt batch (3 whole 32-row AMX tiles + 4)
+THREADS = 2  # several threads: AMX tile configuration and repacked GEMMs are per thread
+TIMEOUT = 60.0  # seconds for one child; a few hundred milliseconds is usual
+TOLERANCE = 0.02  # relative L2 distance from the reference; a broken kernel is near 1
+_KEEP = 8  # remembered keys (CPU x build x model types) in the verdict file
+
+# ggml_type values (ggml.h), for the cases run when no model is named.
+F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 13, 14
+
+
+@dataclass(frozen=True, order=True)
+class Case:
+    """One weight matrix shape: `rows` rows of `k` values of ggml type `type`."""
+
+    type: int
+    k: int
+    rows: int
+
+
+DEFAULT_CASES = tuple(Case(t, 1024, 128) for t in (F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one child did: its results by case, or why it failed."""
+
+    results: Mapping[str, Any]
+    failure: str = ""  # "" = ran to the end
+
+
+# -- the ggml library, through ctypes -------------------------------------------------------
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                ("no_alloc", ctypes.c_bool)]  # fmt: skip
+
+
+class _GgufParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _TensorHead(ctypes.Structure):
+    """The first fields of struct ggml_tensor, unchanged since ggml's start."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4)]  # fmt: skip
+
+
+def _ggml(lib_dir: Path) -> ctypes.CDLL:
+    """libggml (the soname libllama links) with its signatures; it brings libggml-base."""
+    g = ctypes.CDLL(str(lib_dir / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+    p, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+    signatures: dict[str, tuple[Any, list[Any]]] = {
+        "ggml_init": (p, [_InitParams]),
+        "ggml_free": (None, [p]),
+        "ggml_new_tensor_2d": (p, [p, ctypes.c_int, i64, i64]),
+        "ggml_mul_mat": (p, [p, p, p]),
+        "ggml_new_graph": (p, [p]),
+        "ggml_build_forward_expand": (None, [p, p]),
+        "ggml_nbytes": (sz, [p]),
+        "ggml_row_size": (sz, [ctypes.c_int, i64]),
+        "ggml_type_name": (ctypes.c_char_p, [ctypes.c_int]),
+        "ggml_tensor_overhead": (sz, []),
+        "ggml_graph_overhead": (sz, []),
+        "ggml_quantize_chunk": (sz, [ctypes.c_int, p, p, i64, i64, i64, p]),
+        "ggml_get_tensor": (p, [p, ctypes.c_char_p]),
+        "gguf_init_from_file": (p, [ctypes.c_char_p, _GgufParams]),
+        "gguf_free": (None, [p]),
+        "gguf_get_n_tensors": (i64, [p]),
+        "gguf_get_tensor_name": (ctypes.c_char_p, [p, i64]),
+        "ggml_backend_load": (p, [ctypes.c_char_p]),
+        "ggml_backend_reg_dev_get": (p, [p, sz]),
+        "ggml_backend_reg_get_proc_address": (p, [p, ctypes.c_char_p]),
+        "ggml_backend_dev_init": (p, [p, ctypes.c_char_p]),
+        "ggml_backend_dev_buffer_type": (p, [p]),
+        "ggml_backend_dev_supports_op": (ctypes.c_bool, [p, p]),
+        "ggml_backend_buft_name": (ctypes.c_char_p, [p]),
+        "ggml_backend_alloc_ctx_tensors_from_buft": (p, [p, p]),
+        "ggml_backend_buffer_free": (None, [p]),
+        "ggml_backend_tensor_set": (None, [p, p, sz, sz]),
+        "ggml_backend_tensor_get": (None, [p, p, sz, sz]),
+        "ggml_backend_graph_compute": (ctypes.c_int, [p, p]),
+        "ggml_backend_free": (None, [p]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(g, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return g
+
+
+def type_name(g: ctypes.CDLL, ggml_type: int) -> str:
+    return (g.ggml_type_name(ggml_type) or b"?").decode()
+
+
+def model_cases(lib_dir: Path, path: Path) -> tuple[Case, ...]:
+    """The weight matrices of a GGUF file, one Case per type, row length and row pattern.
+
+    Row counts are cut to at most 256 keeping their remainder by 128, so every divisibility
+    rule a buffer type applies (AMX: 32 rows; repacking: 4, 8, 16) decides as for the model.
+    """
+    g = _ggml(lib_dir)
+    meta = ctypes.c_void_p()
+    gguf = g.gguf_init_from_file(str(path).encode(), _GgufParams(True, ctypes.pointer(meta)))
+    if not gguf:
+        return DEFAULT_CASES  # llama.cpp will say what is wrong with the file when it loads it
+    try:
+        cases = set()
+        for i in range(g.gguf_get_n_tensors(gguf)):
+            tensor = g.ggml_get_tensor(meta, g.gguf_get_tensor_name(gguf, i))
+            head = _TensorHead.from_address(tensor)
+            k, rows = head.ne[0], head.ne[1]
+            if rows > 1 and head.type != F32:  # a matrix; F32 tensors are norms and biases
+                cases.add(Case(head.type, k, rows if rows <= 256 else 128 + rows % 128))
+        return tuple(sorted(cases)) or DEFAULT_CASES
+    finally:
+        g.gguf_free(gguf)
+        g.ggml_free(meta)
+
+
+# -- the parent's side -----------------------------------------------------------------------
+
+
+def _child(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edge_llm.cpucheck", *args]
+
+
+def scores(lib_dir: Path, variants: Mapping[str, Path]) -> dict[str, int]:
+    """ggml_backend_score() of each variant: 0 when the CPU lacks its instructions.
+
+    Asked in a child too: loading a variant runs its initialisers."""
+    paths = [str(p) for p in variants.values()]
+    done = subprocess.run(_child("scores", str(lib_dir), *paths), capture_output=True,
+                          text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"scoring the CPU variants failed: {_last_line(done.stderr)}")
+    by_path = json.loads(done.stdout)
+    return {name: int(by_path[str(path)]) for name, path in variants.items()}
+
+
+class Trial:
+    """One variant running the cases in a child process, started at once."""
+
+    def __init__(self, lib_dir: Path, variant: Path, cases: Iterable[Case]) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="edge-llm-cpucheck-")
+        self._out = Path(self._dir.name) / "results.npz"
+        spec = json.dumps([[c.type, c.k, c.rows] for c in cases])
+        self._proc = subprocess.Popen(
+            _child("run", str(lib_dir), str(variant), str(self._out), str(THREADS), spec),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def outcome(self) -> Outcome:
+        try:
+            try:
+                out, err = self._proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                out, err = self._proc.communicate()
+                return Outcome({}, f"did not finish in {TIMEOUT:g} s{_during(out)}")
+            rc = self._proc.returncode
+            if rc < 0:  # an abort is a failed GGML_ASSERT: its message is the last line
+                why = f" ({_last_line(err)})" if rc == -signal.SIGABRT and err.strip() else ""
+                return Outcome({}, f"killed by {signal.Signals(-rc).name}{_during(out)}{why}")
+            if rc != 0 or not self._out.exists():
+                return Outcome({}, f"failed{_during(out)}: {_last_line(err) or f'exit {rc}'}")
+            import numpy as np
+
+            with np.load(self._out) as data:
+                return Outcome({name: data[name] for name in data.files})
+        finally:
+            self._dir.cleanup()
+
+
+def differs(candidate: Outcome, reference: Outcome) -> str:
+    """Why the candidate's numbers are wrong, or "" when they match the reference's.
+
+    Results are keyed "<type>/<k>/<rows>/<batch>/<buffer type>"; the reference ran each case
+    with plain weights ("CPU"), which every buffer type of the candidate is held to."""
+    import numpy as np
+
+    for key, got in candidate.results.items():
+        want = reference.results.get(key.rsplit("/", 1)[0] + "/CPU")
+        if want is None:
+            continue
+        scale = float(np.linalg.norm(want)) or 1.0
+        error = float(np.linalg.norm(got - want)) / scale
+        if not error <= TOLERANCE:  # also NaN
+            return f"wrong numbers in {_describe(key)}: {error:.3g} from the reference"
+    return ""
+
+
+def _during(stdout: str) -> str:
+    steps = [line[5:] for line in stdout.splitlines() if line.startswith("step ")]
+    return f" during {steps[-1]}" if steps else ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def _describe(key: str) -> str:
+    """'q4_K/896/128/100/AMX' -> 'a 100-token q4_K matmul with AMX weights'."""
+    name, _k, _rows, batch, buft = key.split("/")
+    where = "" if buft == "CPU" else f" with {buft} weights"
+    return f"a {batch}-token {name} matmul{where}"
+
+
+# -- what is remembered ---------------------------------------------------------------------
+
+
+def key(lib_dir: Path, variants: Mapping[str, Path], cases: Iterable[Case]) -> str:
+    """Everything a verdict depends on: the CPU (model, flags, what the kernel grants), the
+    kernel, the build (each library's size and time) and the cases."""
+    board = hardware.detect()
+    parts: list[object] = [board.model, sorted(board.features), _hwcaps(), platform.release()]
+    for lib in [*sorted(lib_dir.glob("libggml*")), *variants.values()]:
+        st = lib.stat()
+        parts.append([lib.name, st.st_size, st.st_mtime_ns])
+    parts.append(sorted((c.type, c.k, c.rows) for c in cases))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def _hwcaps() -> list[int]:
+    """AT_HWCAP and AT_HWCAP2: what ggml's ARM scoring reads (and QEMU's -cpu changes)."""
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except AttributeError:
+        return []
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return [getauxval(16), getauxval(26)]
+
+
+def verdict_file() -> Path:
+    """Beside the models: systemd's CacheDirectory, else the XDG cache."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        base = Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm"
+    return base / "cpu-variants.json"
+
+
+class Verdicts:
+    """The remembered scores and outcomes for one key: variant -> "" (passed) or the cause."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        try:
+            self._all: dict[str, Any] = json.loads(path.read_text())
+            entry = self._all.get(key, {})
+        except (OSError, ValueError, AttributeError):
+            self._all, entry = {}, {}
+        self.scores: dict[str, int] | None = entry.get("scores")
+        self.outcomes: dict[str, str] = dict(entry.get("outcomes", {}))
+
+    def save(self) -> str:
+        """Write them (atomically); "" or why they could not be kept."""
+        self._all.pop(self.key, None)
+        self._all[self.key] = {"scores": self.scores, "outcomes": self.outcomes,
+                               "tested": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        kept = dict(list(self._all.items())[-_KEEP:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(kept, indent=1))
+            tmp.replace(self.path)
+        except OSError as e:
+            return str(e)
+        return ""
+
+
+# -- the child's side ------------------------------------------------------------------------
+
+
+def _step(text: str) -> None:
+    print(f"step {text}", flush=True)
+
+
+def _child_scores(lib_dir: Path, paths: list[str]) -> None:
+    _ggml(lib_dir)  # every variant needs libggml-base in the process
+    found = {}
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        try:
+            score = lib.ggml_backend_score
+        except AttributeError:
+            found[path] = 0
+            continue
+        score.restype = ctypes.c_int
+        found[path] = int(score())
+    print(json.dumps(found))
+
+
+def _child_run(lib_dir: Path, variant: str, out: str, threads: int, cases: list[Case]) -> None:
+    import numpy as np
+
+    g = _ggml(lib_dir)
+    _step("loading the variant")
+    reg = g.ggml_backend_load(variant.encode())
+    if not reg:
+        raise SystemExit(f"ggml could not load {variant}")
+    dev = g.ggml_backend_reg_dev_get(reg, 0)
+    backend = g.ggml_backend_dev_init(dev, None)
+    set_threads = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+    if set_threads:
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(backend, threads)
+    plain = g.ggml_backend_dev_buffer_type(dev)
+    bufts = [plain]
+    extra = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if extra:
+        get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(extra)
+        listed = get_extra(dev)
+        n = 0
+        while listed[n]:
+            bufts.insert(n, listed[n])  # llama.cpp tries them before the plain one
+            n += 1
+
+    results: dict[str, Any] = {}
+    for case in cases:
+        name = type_name(g, case.type)
+        rng = np.random.default_rng([case.type, case.k, case.rows])  # the same in every child
+        weights = rng.standard_normal((case.rows, case.k), dtype=np.float32)
+        inputs = {b: rng.standard_normal((b, case.k), dtype=np.float32) for b in BATCHES}
+        packed = np.empty(g.ggml_row_size(case.type, case.k) * case.rows, dtype=np.uint8)
+        imatrix = np.ones(case.k, dtype=np.float32)  # for types that need one
+        g.ggml_quantize_chunk(case.type, weights.ctypes.data, packed.ctypes.data, 0, case.rows,
+                              case.k, imatrix.ctypes.data)  # fmt: skip
+        for buft in bufts:
+            buft_name = g.ggml_backend_buft_name(buft).decode()
+            overhead = g.ggml_tensor_overhead() * (1 + 2 * len(BATCHES)) + g.ggml_graph_overhead()
+            wctx = g.ggml_init(_InitParams(g.ggml_tensor_overhead(), None, True))
+            actx = g.ggml_init(_InitParams(overhead * 2, None, True))
+            w = g.ggml_new_tensor_2d(wctx, case.type, case.k, case.rows)
+            xs = {b: g.ggml_new_tensor_2d(actx, F32, case.k, b) for b in BATCHES}
+            ys = {b: g.ggml_mul_mat(actx, w, x) for b, x in xs.items()}
+            wbuf = g.ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft)
+            abuf = g.ggml_backend_alloc_ctx_tensors_from_buft(actx, plain)
+            try:
+                # Where llama.cpp would not put these weights, neither do we.
+                if not all(g.ggml_backend_dev_supports_op(dev, y) for y in ys.values()):
+                    continue
+                _step(f"loading {name} weights into {buft_name}")
+                g.ggml_backend_tensor_set(w, packed.ctypes.data, 0, packed.nbytes)
+                for b, x in xs.items():
+                    what = f"{name}/{case.k}/{case.rows}/{b}/{buft_name}"
+                    _step(_describe(what))
+                    g.ggml_backend_tensor_set(x, inputs[b].ctypes.data, 0, inputs[b].nbytes)
+                    graph = g.ggml_new_graph(actx)
+                    g.ggml_build_forward_expand(graph, ys[b])
+                    if g.ggml_backend_graph_compute(backend, graph) != 0:
+                        raise SystemExit(f"ggml could not compute {_describe(what)}")
+                    y = np.empty((b, case.rows), dtype=np.float32)
+                    g.ggml_backend_tensor_get(ys[b], y.ctypes.data, 0, y.nbytes)
+                    results[what] = y
+            finally:
+                for buf in (wbuf, abuf):
+                    if buf:
+                        g.ggml_backend_buffer_free(buf)
+                g.ggml_free(wctx)
+                g.ggml_free(actx)
+    g.ggml_backend_free(backend)
+    np.savez(out, **results)
+    _step("done")
+
+
+def main(argv: list[str]) -> None:
+    command, lib_dir = argv[0], Path(argv[1])
+    if command == "scores":
+        _child_scores(lib_dir, argv[2:])
+    elif command == "run":
+        variant, out, threads, spec = argv[2:6]
+        cases = [Case(*c) for c in json.loads(spec)]
+        _child_run(lib_dir, variant, out, int(threads), cases)
+    else:
+        raise SystemExit(f"usage: python -m edge_llm.cpucheck scores|run LIB_DIR ...: {argv}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main(sys.argv[1:])
