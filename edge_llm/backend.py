@@ -48,9 +48,9 @@ class CpuBackend:
         if self.variant == "native":
             return "a native build: its one CPU backend is linked in"
         if self.forced:
-            how = f"forced by configuration; it passed its self-test ({self.tested})"
+            how = f"forced by configuration; it passed its self-test, {self.tested}"
         else:
-            how = f"the best-scored variant that passed a self-test on this CPU ({self.tested})"
+            how = f"the best-scored variant that passed a self-test on this CPU, {self.tested}"
         runnable = sorted((v for v, s in self.scores.items() if s), key=self.scores.__getitem__)
         return f"{how}; this CPU can run {', '.join(runnable)}"
 
@@ -105,8 +105,7 @@ def load(variant: str = "auto", model: Path | None = None) -> CpuBackend:
 
 
 def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | None) -> CpuBackend:
-    cases = cpucheck.model_cases(lib_dir, model) if model else cpucheck.DEFAULT_CASES
-    verdicts = cpucheck.Verdicts(cpucheck.verdict_file(), cpucheck.key(lib_dir, found, cases))
+    verdicts = cpucheck.Verdicts(cpucheck.verdict_file(), cpucheck.key(lib_dir, found, model))
     scores = verdicts.scores or cpucheck.scores(lib_dir, found)
     verdicts.scores = scores
     runnable = sorted((v for v in found if scores.get(v)), key=scores.__getitem__, reverse=True)
@@ -120,7 +119,7 @@ def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | N
             f"this CPU cannot run the {variant} variant (it lacks instructions that variant "
             f"uses); variants it can run: {', '.join(runnable) or 'none'}"
         )
-    test = _SelfTest(lib_dir, found, cases, runnable[-1], verdicts)
+    test = _SelfTest(lib_dir, found, model, runnable[-1], verdicts)
     candidates = runnable if variant == "auto" else [variant]
     chosen = next((v for v in candidates if not test.verdict(v)), None)
     if chosen is None and variant != "auto":
@@ -142,9 +141,10 @@ class _SelfTest:
     """Verdicts for variants, remembered or run now. A variant run now is compared with the
     `reference`, the plainest variant this CPU runs, which runs beside the first one."""
 
-    def __init__(self, lib_dir: Path, found: dict[str, Path], cases: tuple[cpucheck.Case, ...],
-                 reference: str, verdicts: cpucheck.Verdicts) -> None:  # fmt: skip
-        self._lib_dir, self._found, self._cases = lib_dir, found, cases
+    def __init__(self, lib_dir: Path, found: dict[str, Path], model: Path | None, reference: str,
+                 verdicts: cpucheck.Verdicts) -> None:  # fmt: skip
+        self._lib_dir, self._found, self._model = lib_dir, found, model
+        self._cases: tuple[cpucheck.Case, ...] | None = None
         self._reference_name = reference
         self._reference: cpucheck.Trial | None = None
         self._reference_outcome: cpucheck.Outcome | None = None
@@ -166,6 +166,11 @@ class _SelfTest:
 
     def _run(self, variant: str) -> str:
         self._ran.append(variant)
+        if self._cases is None:  # the model's weight matrices (a parse of the file)
+            model = self._model
+            self._cases = (
+                cpucheck.model_cases(self._lib_dir, model) if model else cpucheck.DEFAULT_CASES
+            )
         trial = cpucheck.Trial(self._lib_dir, self._found[variant], self._cases)
         if variant == self._reference_name:
             self._reference_outcome = trial.outcome()

@@ -177,6 +177,8 @@ def _info(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
     print(f"threads  {r.threads} generation, {r.threads_batch} prompt")
     print(f"cpu      {' '.join(r.cpu_features)}")
     print(f"backend  {r.cpu_variant} ({r.cpu_variant_reason})")
+    for variant, cause in sorted(r.cpu_variants_rejected.items()):
+        print(f"rejected {variant}: {cause}")
     print(f"limits   context {lim.context_length} tokens (model trained on "
           f"{m.trained_context_length}), max_tokens {lim.max_tokens} (default "
           f"{lim.default_max_tokens}), queue {lim.queue_depth}")  # fmt: skip

@@ -8,7 +8,7 @@ a prompt-sized batch, with the weights in every buffer type ggml would put them 
 repacked, plain), exactly as llama.cpp decides that (the device's supports_op). A child that
 dies, hangs or gets numbers that differ from the plainest variant's rules the candidate out.
 backend.py decides what to try; the outcomes are remembered here, keyed by everything that could
-change them (CPU, kernel, build, the cases), so a later start-up runs no child at all.
+change them (CPU, kernel, build, model), so a later start-up runs no child at all.
 
 The child is `python -m edge_llm.cpucheck`; it imports only ctypes and numpy, never llama_cpp.
 """
@@ -247,15 +247,16 @@ def _describe(key: str) -> str:
 # -- what is remembered ---------------------------------------------------------------------
 
 
-def key(lib_dir: Path, variants: Mapping[str, Path], cases: Iterable[Case]) -> str:
+def key(lib_dir: Path, variants: Mapping[str, Path], model: Path | None) -> str:
     """Everything a verdict depends on: the CPU (model, flags, what the kernel grants), the
-    kernel, the build (each library's size and time) and the cases."""
+    kernel, the build and the model file (each file's size and time; the model's stand for
+    its weight types, which take a parse of the file to read: a remembered start skips it)."""
     board = hardware.detect()
     parts: list[object] = [board.model, sorted(board.features), _hwcaps(), platform.release()]
-    for lib in [*sorted(lib_dir.glob("libggml*")), *variants.values()]:
-        st = lib.stat()
-        parts.append([lib.name, st.st_size, st.st_mtime_ns])
-    parts.append(sorted((c.type, c.k, c.rows) for c in cases))
+    files = [*sorted(lib_dir.glob("libggml*")), *variants.values(), *([model] if model else [])]
+    for path in files:
+        st = path.stat()
+        parts.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 

@@ -111,6 +111,11 @@ def test_serving_falls_back_from_a_crashing_variant_and_answers(tiny_model, cras
             last = list(stub.Generate(request, timeout=60))[-1]
             assert last.usage.completion_tokens == 5
         assert "crashy is not used: its self-test failed (killed by SIGILL" in server.log
+        info = subprocess.run([sys.executable, "-m", "edge_llm", "info", "--address",
+                               f"127.0.0.1:{server.port}"], capture_output=True, text=True,
+                              timeout=60, check=True).stdout  # fmt: skip
+        assert f"backend  {runtime.cpu_variant} (the best-scored variant that passed" in info
+        assert "rejected crashy: killed by SIGILL during loading the variant" in info
     finally:
         server.kill()
 
@@ -157,7 +162,7 @@ def test_a_prompt_sized_batch_and_a_long_answer_run_on_the_chosen_variant(tiny_m
 def test_an_older_variant_can_be_forced(tiny_model: Path) -> None:
     cpu = doctor("--model", str(tiny_model), "--cpu-variant", "haswell")["cpu_backend"]
     assert cpu["variant"] == "haswell"
-    assert "forced by configuration; it passed its self-test" in cpu["why"]
+    assert "forced by configuration; it passed its self-test, tested now" in cpu["why"]
     assert "AVX2" in cpu["uses"] and "AVX512" not in cpu["uses"]
 
 

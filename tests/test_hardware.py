@@ -27,6 +27,7 @@ def board(name: str) -> hardware.Board:
         # 4 cores / 8 threads: one thread per physical core.
         ("intel-i5-8250u", "x86_64", 8, 4, 4),
         ("epyc-zen5-2core", "x86_64", 2, 2, 2),
+        ("xeon-amx-2core", "x86_64", 2, 2, 2),
     ],
 )
 def test_threads(name: str, arch: str, cpus: int, generation: int, prompt: int) -> None:
@@ -127,6 +128,7 @@ def test_board_warnings() -> None:
         ("rk3588-orange-pi-5", "armv8.2_2"),
         ("intel-i5-8250u", "haswell"),  # AVX2, FMA, F16C, BMI2; no AVX-512
         ("epyc-zen5-2core", "zen4"),  # AVX-512 with VBMI, VNNI and BF16
+        ("xeon-amx-2core", "sapphirerapids"),  # what the flags claim; see test_backend.py
     ],
 )
 def test_expected_cpu_variant(name: str, variant: str) -> None:
