@@ -106,7 +106,10 @@ def load(variant: str = "auto", model: Path | None = None) -> CpuBackend:
 
 def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | None) -> CpuBackend:
     verdicts = cpucheck.Verdicts(cpucheck.verdict_file(), cpucheck.key(lib_dir, found, model))
-    scores = verdicts.scores or cpucheck.scores(lib_dir, found)
+    try:
+        scores = verdicts.scores or cpucheck.scores(lib_dir, found)
+    except cpucheck.CheckError as e:
+        raise BackendError(f"{e}; reinstall with scripts/bootstrap") from None
     verdicts.scores = scores
     runnable = sorted((v for v in found if scores.get(v)), key=scores.__getitem__, reverse=True)
     if variant == "auto":

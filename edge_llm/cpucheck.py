@@ -41,6 +41,10 @@ _KEEP = 8  # remembered keys (CPU x build x model types) in the verdict file
 
 # ggml_type values (ggml.h), for the cases run when no model is named.
 F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 13, 14
+# The weight types ggml_quantize_chunk() can make (any other aborts it): F16, BF16, every
+# quantization a GGUF file holds (not Q8_1 and Q8_K, which only activations use).
+QUANTIZABLE = frozenset({1, 30, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23,
+                         29, 34, 35, 39, 40, 41, 42})  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
@@ -145,7 +149,7 @@ def model_cases(lib_dir: Path, path: Path) -> tuple[Case, ...]:
             tensor = g.ggml_get_tensor(meta, g.gguf_get_tensor_name(gguf, i))
             head = _TensorHead.from_address(tensor)
             k, rows = head.ne[0], head.ne[1]
-            if rows > 1 and head.type != F32:  # a matrix; F32 tensors are norms and biases
+            if rows > 1 and head.type in QUANTIZABLE:  # a matrix (F32: norms, biases)
                 cases.add(Case(head.type, k, rows if rows <= 256 else 128 + rows % 128))
         return tuple(sorted(cases)) or DEFAULT_CASES
     finally:
@@ -156,8 +160,17 @@ def model_cases(lib_dir: Path, path: Path) -> tuple[Case, ...]:
 # -- the parent's side -----------------------------------------------------------------------
 
 
+class CheckError(Exception):
+    """The variants could not even be scored (a broken install)."""
+
+
 def _child(*args: str) -> list[str]:
     return [sys.executable, "-m", "edge_llm.cpucheck", *args]
+
+
+def _env() -> dict[str, str]:
+    """Without Python's fault handler: a crash's last line of output stays ggml's."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
 
 
 def scores(lib_dir: Path, variants: Mapping[str, Path]) -> dict[str, int]:
@@ -165,10 +178,13 @@ def scores(lib_dir: Path, variants: Mapping[str, Path]) -> dict[str, int]:
 
     Asked in a child too: loading a variant runs its initialisers."""
     paths = [str(p) for p in variants.values()]
-    done = subprocess.run(_child("scores", str(lib_dir), *paths), capture_output=True,
-                          text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    try:
+        done = subprocess.run(_child("scores", str(lib_dir), *paths), capture_output=True,
+                              text=True, timeout=TIMEOUT, env=_env(), check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise CheckError(f"scoring the CPU variants took over {TIMEOUT:g} s") from None
     if done.returncode != 0:
-        raise RuntimeError(f"scoring the CPU variants failed: {_last_line(done.stderr)}")
+        raise CheckError(f"scoring the CPU variants failed: {_last_line(done.stderr)}")
     by_path = json.loads(done.stdout)
     return {name: int(by_path[str(path)]) for name, path in variants.items()}
 
@@ -185,6 +201,7 @@ class Trial:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=_env(),
         )
 
     def outcome(self) -> Outcome:

@@ -51,11 +51,15 @@ def crashing_top(tmp_path: Path) -> dict[str, str]:
     (site / "bin").mkdir()
     for path in backend.variants().values():
         (site / "bin" / path.name).symlink_to(path)
-    source = site / "crashy.c"
-    source.write_text(CRASHING_VARIANT)
-    lib = site / "bin" / f"{backend.PREFIX}crashy.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
+    compile_variant(CRASHING_VARIANT, site / "bin" / f"{backend.PREFIX}crashy.so")
     return {"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(site / "cache")}
+
+
+def compile_variant(source: str, lib: Path) -> Path:
+    c = lib.with_suffix(".c")
+    c.write_text(source)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(c)], check=True)
+    return lib
 
 
 def test_the_build_carries_every_variant() -> None:
@@ -213,6 +217,26 @@ def test_the_cases_are_the_models_weight_matrices(tiny_model: Path) -> None:
     assert all(c.rows <= 256 and c.k % 32 == 0 for c in cases)
     # 576-wide (SmolLM2's embedding) rows: 576 % 128 = 64, kept.
     assert any(c.k == 576 for c in cases)
+
+
+@pytest.mark.parametrize(
+    ("body", "failure"),
+    [
+        ("__builtin_trap();", "killed by SIGILL during loading the variant"),
+        # ggml's GGML_ASSERT: a message on stderr, then abort(); the message is the cause.
+        ('fprintf(stderr, "repack.cpp:42: GGML_ASSERT(n % 8 == 0) failed\\n"); abort();',
+         "killed by SIGABRT during loading the variant (repack.cpp:42: GGML_ASSERT(n % 8 == 0) "
+         "failed)"),
+        ("for (;;) {}", "did not finish in 3 s during loading the variant"),
+    ],
+)  # fmt: skip
+def test_how_a_variant_fails_is_told(tmp_path, monkeypatch, body: str, failure: str) -> None:
+    monkeypatch.setattr(cpucheck, "TIMEOUT", 3)
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")  # as under the systemd unit
+    source = f"#include <stdio.h>\n#include <stdlib.h>\nvoid *ggml_backend_init(void) {{ {body} }}"
+    lib = compile_variant(source, tmp_path / "libggml-cpu-bad.so")
+    lib_dir, _ = backend._dirs()
+    assert cpucheck.Trial(lib_dir, lib, cpucheck.DEFAULT_CASES).outcome().failure == failure
 
 
 def test_wrong_numbers_are_caught() -> None:
