@@ -109,7 +109,7 @@ def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | N
     try:
         scores = verdicts.scores or cpucheck.scores(lib_dir, found)
     except cpucheck.CheckError as e:
-        raise BackendError(f"{e}; reinstall with scripts/bootstrap") from None
+        raise BackendError(f"{e}; install edge-llm again") from None
     verdicts.scores = scores
     runnable = sorted((v for v in found if scores.get(v)), key=scores.__getitem__, reverse=True)
     if variant == "auto":
@@ -123,26 +123,33 @@ def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | N
             f"uses); variants it can run: {', '.join(runnable) or 'none'}"
         )
     test = _SelfTest(lib_dir, found, model, runnable[-1], verdicts)
-    candidates = runnable if variant == "auto" else [variant]
-    chosen = next((v for v in candidates if not test.verdict(v)), None)
-    if chosen is None and variant != "auto":
-        passed = [v for v in runnable if not test.verdict(v)]
+    try:
+        candidates = runnable if variant == "auto" else [variant]
+        chosen = next((v for v in candidates if not test.verdict(v)), None)
+        if chosen is None and variant != "auto":
+            passed = [v for v in runnable if not test.verdict(v)]
+            raise BackendError(
+                f"the {variant} variant failed its self-test on this CPU: "
+                f"{test.rejected[variant]}; variants that passed: {', '.join(passed) or 'none'} "
+                "(or leave cpu_variant = auto)"
+            )
+        if chosen is None:
+            verdicts.outcomes.clear()  # whatever broke everything, the next start tries again
+            causes = "; ".join(f"{v}: {cause}" for v, cause in test.rejected.items())
+            raise BackendError(f"no CPU variant passed its self-test on this CPU ({causes})")
+    finally:
         test.finish()
-        raise BackendError(
-            f"the {variant} variant failed its self-test on this CPU: {test.rejected[variant]}; "
-            f"variants that passed: {', '.join(passed) or 'none'} (or leave cpu_variant = auto)"
-        )
-    test.finish()
-    if chosen is None:
-        causes = "; ".join(f"{v}: {cause}" for v, cause in test.rejected.items())
-        raise BackendError(f"no CPU variant passed its self-test on this CPU ({causes})")
     return CpuBackend(chosen, str(found[chosen]), scores, forced=variant != "auto",
                       rejected=test.rejected, tested=test.how)  # fmt: skip
 
 
 class _SelfTest:
     """Verdicts for variants, remembered or run now. A variant run now is compared with the
-    `reference`, the plainest variant this CPU runs, which runs beside the first one."""
+    `reference`, the plainest variant this CPU runs, which runs beside the first one.
+
+    Only what would come out the same again is remembered (each at once, so a start that is
+    killed keeps what it learnt): a pass compared with the reference, a death by SIGILL and
+    the like, wrong numbers; not a timeout or an unexplained exit."""
 
     def __init__(self, lib_dir: Path, found: dict[str, Path], model: Path | None, reference: str,
                  verdicts: cpucheck.Verdicts) -> None:  # fmt: skip
@@ -152,6 +159,7 @@ class _SelfTest:
         self._reference: cpucheck.Trial | None = None
         self._reference_outcome: cpucheck.Outcome | None = None
         self._verdicts = verdicts
+        self._unsaved = ""  # why the verdicts could not be written, once
         self.rejected: dict[str, str] = {}
         self._ran: list[str] = []
         self._started = time.monotonic()
@@ -161,56 +169,66 @@ class _SelfTest:
         if variant in self._verdicts.outcomes:
             cause = self._verdicts.outcomes[variant]
         else:
-            cause = self._run(variant)
-            self._verdicts.outcomes[variant] = cause
+            cause, lasting = self._run(variant)
+            if lasting:
+                self._verdicts.outcomes[variant] = cause
+                self._unsaved = self._unsaved or self._verdicts.save()
         if cause:
             self.rejected[variant] = cause
         return cause
 
-    def _run(self, variant: str) -> str:
+    def _run(self, variant: str) -> tuple[str, bool]:
+        """Why the variant failed ("" if it passed), and whether that is worth remembering."""
         self._ran.append(variant)
-        if self._cases is None:  # the model's weight matrices (a parse of the file)
+        if variant == self._reference_name:
+            ref = self._reference_result()
+            return ref.failure, ref.lasting
+        trial = cpucheck.Trial(self._lib_dir, self._found[variant], self._test_cases())
+        if self._reference is None and self._reference_outcome is None:
+            self._reference = cpucheck.Trial(
+                self._lib_dir, self._found[self._reference_name], self._test_cases()
+            )
+        outcome = trial.outcome()
+        if outcome.failure:
+            return outcome.failure, outcome.lasting
+        ref = self._reference_result()
+        if ref.failure:
+            log.warning("the reference CPU variant %s failed its self-test (%s): %s is only "
+                        "known to run, not to compute right", self._reference_name, ref.failure,
+                        variant)  # fmt: skip
+            return "", False
+        return cpucheck.differs(outcome, ref), True
+
+    def _test_cases(self) -> tuple[cpucheck.Case, ...]:
+        if self._cases is None:  # the model's weight matrices: a parse of the file
             model = self._model
             self._cases = (
                 cpucheck.model_cases(self._lib_dir, model) if model else cpucheck.DEFAULT_CASES
             )
-        trial = cpucheck.Trial(self._lib_dir, self._found[variant], self._cases)
-        if variant == self._reference_name:
-            self._reference_outcome = trial.outcome()
-            return self._reference_outcome.failure
-        if self._reference is None and self._reference_outcome is None:
-            self._reference = cpucheck.Trial(
-                self._lib_dir, self._found[self._reference_name], self._cases
-            )
-        outcome = trial.outcome()
-        if outcome.failure:
-            return outcome.failure
-        reference = self._reference_numbers()
-        return cpucheck.differs(outcome, reference) if reference is not None else ""
+        return self._cases
 
-    def _reference_numbers(self) -> cpucheck.Outcome | None:
-        if self._reference is not None:
-            self._reference_outcome = self._reference.outcome()
+    def _reference_result(self) -> cpucheck.Outcome:
+        """The reference's outcome: the one running beside a candidate, or a new run."""
+        if self._reference_outcome is None:
+            trial = self._reference or cpucheck.Trial(
+                self._lib_dir, self._found[self._reference_name], self._test_cases()
+            )
             self._reference = None
-        ref = self._reference_outcome
-        if ref is None or ref.failure:
-            log.warning("the reference CPU variant %s failed its self-test (%s): the others are "
-                        "checked to run, not for their numbers", self._reference_name,
-                        ref.failure if ref else "not run")  # fmt: skip
-            return None
-        return ref
+            self._reference_outcome = trial.outcome()
+        return self._reference_outcome
 
     def finish(self) -> None:
-        """Remember the verdicts (and say how long the self-test took)."""
+        """Stop a reference still running; say how long the self-test took."""
         if self._reference is not None:
-            self._reference.outcome()
+            self._reference.close()
+            self._reference = None
         if not self._ran:
             return
         log.info("CPU variant self-test: ran %s in %.1f s", ", ".join(self._ran),
                  time.monotonic() - self._started)  # fmt: skip
-        if problem := self._verdicts.save():
+        if self._unsaved or (problem := self._verdicts.save()):
             log.warning("CPU variant verdicts not remembered (%s): the self-test runs again at "
-                        "the next start", problem)  # fmt: skip
+                        "the next start", self._unsaved or problem)  # fmt: skip
 
     @property
     def how(self) -> str:

@@ -35,7 +35,7 @@ from edge_llm import hardware
 
 BATCHES = (1, 100)  # a token being generated; a prompt batch (3 whole 32-row AMX tiles + 4)
 THREADS = 2  # several threads: AMX tile configuration and repacked GEMMs are per thread
-TIMEOUT = 60.0  # seconds for one child; a few hundred milliseconds is usual
+TIMEOUT = 30.0  # seconds for one child; under a second is usual, a few on a Pi
 TOLERANCE = 0.02  # relative L2 distance from the reference; a broken kernel is near 1
 _KEEP = 8  # remembered keys (CPU x build x model types) in the verdict file
 
@@ -57,14 +57,6 @@ class Case:
 
 
 DEFAULT_CASES = tuple(Case(t, 1024, 128) for t in (F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one child did: its results by case, or why it failed."""
-
-    results: Mapping[str, Any]
-    failure: str = ""  # "" = ran to the end
 
 
 # -- the ggml library, through ctypes -------------------------------------------------------
@@ -147,6 +139,8 @@ def model_cases(lib_dir: Path, path: Path) -> tuple[Case, ...]:
         cases = set()
         for i in range(g.gguf_get_n_tensors(gguf)):
             tensor = g.ggml_get_tensor(meta, g.gguf_get_tensor_name(gguf, i))
+            if not tensor:
+                continue
             head = _TensorHead.from_address(tensor)
             k, rows = head.ne[0], head.ne[1]
             if rows > 1 and head.type in QUANTIZABLE:  # a matrix (F32: norms, biases)
@@ -164,29 +158,55 @@ class CheckError(Exception):
     """The variants could not even be scored (a broken install)."""
 
 
-def _child(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edge_llm.cpucheck", *args]
+# Deaths that say the variant's code cannot run on this CPU, every time: remembered. Anything
+# else (a timeout on a busy board, SIGKILL from the OOM killer, an exit) is tried again.
+LASTING_SIGNALS = frozenset({signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE,
+                             signal.SIGABRT})  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    """Without Python's fault handler: a crash's last line of output stays ggml's."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+@dataclass(frozen=True)
+class Outcome:
+    """What one child did: its results by case, or why it failed."""
+
+    results: Mapping[str, Any]
+    failure: str = ""  # "" = ran to the end
+    lasting: bool = True  # the same would happen again: worth remembering
+
+
+def _child(*args: str) -> tuple[list[str], dict[str, str]]:
+    """The child's command line and environment: the parent's own edge_llm (-P: not one that
+    happens to be in the working directory), with the parent's environment otherwise."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-P", "-m", "edge_llm.cpucheck", *args]
+    return cmd, {**os.environ, "PYTHONPATH": path}
 
 
 def scores(lib_dir: Path, variants: Mapping[str, Path]) -> dict[str, int]:
-    """ggml_backend_score() of each variant: 0 when the CPU lacks its instructions.
-
-    Asked in a child too: loading a variant runs its initialisers."""
-    paths = [str(p) for p in variants.values()]
-    try:
-        done = subprocess.run(_child("scores", str(lib_dir), *paths), capture_output=True,
-                              text=True, timeout=TIMEOUT, env=_env(), check=False)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise CheckError(f"scoring the CPU variants took over {TIMEOUT:g} s") from None
-    if done.returncode != 0:
-        raise CheckError(f"scoring the CPU variants failed: {_last_line(done.stderr)}")
-    by_path = json.loads(done.stdout)
-    return {name: int(by_path[str(path)]) for name, path in variants.items()}
+    """ggml_backend_score() of each variant: 0 when the CPU lacks its instructions, and for
+    one that crashes when loaded. Asked in a child: loading a variant runs its initialisers."""
+    found: dict[str, int] = {}
+    left = dict(variants)
+    while left:
+        cmd, env = _child("scores", str(lib_dir), *map(str, left.values()))
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                                  check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise CheckError(f"scoring the CPU variants failed: {e}") from None
+        by_path = dict(line.split(" ", 1)[::-1] for line in done.stdout.splitlines())
+        for name, path in list(left.items()):
+            if str(path) not in by_path:
+                break
+            score = by_path[str(path)]
+            found[name] = int(score) if score.lstrip("-").isdigit() else 0
+            del left[name]
+        if left and done.returncode == 0:
+            raise CheckError(f"scoring the CPU variants failed: {_ggml_said(done.stderr)}")
+        if left:  # the next one killed the child
+            found[next(iter(left))] = 0
+            del left[next(iter(left))]
+    return found
 
 
 class Trial:
@@ -196,34 +216,55 @@ class Trial:
         self._dir = tempfile.TemporaryDirectory(prefix="edge-llm-cpucheck-")
         self._out = Path(self._dir.name) / "results.npz"
         spec = json.dumps([[c.type, c.k, c.rows] for c in cases])
-        self._proc = subprocess.Popen(
-            _child("run", str(lib_dir), str(variant), str(self._out), str(THREADS), spec),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
+        cmd, env = _child("run", str(lib_dir), str(variant), self._out.name, str(THREADS), spec)
+        self._proc: subprocess.Popen[str] | None = None
+        self._error = ""
+        try:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env, cwd=self._dir.name)  # fmt: skip
+        except OSError as e:
+            self._error = f"could not be started: {e}"
 
     def outcome(self) -> Outcome:
         try:
+            return self._outcome()
+        finally:
+            self.close()
+
+    def _outcome(self) -> Outcome:
+        if self._proc is None:
+            return Outcome({}, self._error, lasting=False)
+        try:
+            out, err = self._proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, err = self._proc.communicate()
+            return Outcome({}, f"did not finish in {TIMEOUT:g} s{_during(out)}", lasting=False)
+        rc = self._proc.returncode
+        if rc < 0:
             try:
-                out, err = self._proc.communicate(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                out, err = self._proc.communicate()
-                return Outcome({}, f"did not finish in {TIMEOUT:g} s{_during(out)}")
-            rc = self._proc.returncode
-            if rc < 0:  # an abort is a failed GGML_ASSERT: its message is the last line
-                why = f" ({_last_line(err)})" if rc == -signal.SIGABRT and err.strip() else ""
-                return Outcome({}, f"killed by {signal.Signals(-rc).name}{_during(out)}{why}")
-            if rc != 0 or not self._out.exists():
-                return Outcome({}, f"failed{_during(out)}: {_last_line(err) or f'exit {rc}'}")
+                sig = signal.Signals(-rc)
+            except ValueError:
+                return Outcome({}, f"killed by signal {-rc}{_during(out)}", lasting=False)
+            # An abort is a failed GGML_ASSERT: its message is ggml's last line.
+            why = f" ({_ggml_said(err)})" if sig == signal.SIGABRT and _ggml_said(err) else ""
+            return Outcome({}, f"killed by {sig.name}{_during(out)}{why}", sig in LASTING_SIGNALS)
+        if rc != 0:
+            return Outcome({}, f"failed{_during(out)}: {_ggml_said(err) or f'exit {rc}'}", False)
+        try:
             import numpy as np
 
             with np.load(self._out) as data:
                 return Outcome({name: data[name] for name in data.files})
-        finally:
-            self._dir.cleanup()
+        except (OSError, ValueError) as e:
+            return Outcome({}, f"its results could not be read: {e}", lasting=False)
+
+    def close(self) -> None:
+        """Stop the child if it still runs; remove its files."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+        self._dir.cleanup()
 
 
 def differs(candidate: Outcome, reference: Outcome) -> str:
@@ -233,10 +274,13 @@ def differs(candidate: Outcome, reference: Outcome) -> str:
     with plain weights ("CPU"), which every buffer type of the candidate is held to."""
     import numpy as np
 
+    plain = {key for key in candidate.results if key.endswith("/CPU")}
+    if missing := sorted(set(reference.results) - plain):
+        return f"did not run {_describe(missing[0])}"
     for key, got in candidate.results.items():
         want = reference.results.get(key.rsplit("/", 1)[0] + "/CPU")
         if want is None:
-            continue
+            return f"ran {_describe(key)}, which the reference could not"
         scale = float(np.linalg.norm(want)) or 1.0
         error = float(np.linalg.norm(got - want)) / scale
         if not error <= TOLERANCE:  # also NaN
@@ -249,8 +293,10 @@ def _during(stdout: str) -> str:
     return f" during {steps[-1]}" if steps else ""
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def _ggml_said(stderr: str) -> str:
+    """The last line of ggml's output, not of Python's fault handler (the service has it on)."""
+    lines = [line.strip() for line in stderr.split("Fatal Python error")[0].splitlines()]
+    lines = [line for line in lines if line]
     return lines[-1][:200] if lines else ""
 
 
@@ -266,14 +312,18 @@ def _describe(key: str) -> str:
 
 def key(lib_dir: Path, variants: Mapping[str, Path], model: Path | None) -> str:
     """Everything a verdict depends on: the CPU (model, flags, what the kernel grants), the
-    kernel, the build and the model file (each file's size and time; the model's stand for
-    its weight types, which take a parse of the file to read: a remembered start skips it)."""
+    kernel, the build, the model file (each file's size and time; the model's stand for its
+    weight types, which take a parse of the file to read: a remembered start skips it) and
+    this checker itself."""
     board = hardware.detect()
     parts: list[object] = [board.model, sorted(board.features), _hwcaps(), platform.release()]
     files = [*sorted(lib_dir.glob("libggml*")), *variants.values(), *([model] if model else [])]
-    for path in files:
-        st = path.stat()
-        parts.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    for path in [*files, Path(__file__)]:
+        try:
+            st = path.stat()
+            parts.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            parts.append([str(path), None])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -315,12 +365,14 @@ class Verdicts:
         self._all[self.key] = {"scores": self.scores, "outcomes": self.outcomes,
                                "tested": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
         kept = dict(list(self._all.items())[-_KEEP:])
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(kept, indent=1))
             tmp.replace(self.path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return str(e)
         return ""
 
@@ -333,30 +385,28 @@ def _step(text: str) -> None:
 
 
 def _child_scores(lib_dir: Path, paths: list[str]) -> None:
+    """Prints "<score> <path>" per variant, each as soon as it is known."""
     _ggml(lib_dir)  # every variant needs libggml-base in the process
-    found = {}
     for path in paths:
         lib = ctypes.CDLL(path)
-        try:
-            score = lib.ggml_backend_score
-        except AttributeError:
-            found[path] = 0
-            continue
-        score.restype = ctypes.c_int
-        found[path] = int(score())
-    print(json.dumps(found))
+        score = getattr(lib, "ggml_backend_score", None)
+        if score is not None:
+            score.restype = ctypes.c_int
+        print(f"{int(score()) if score else 0} {path}", flush=True)
 
 
 def _child_run(lib_dir: Path, variant: str, out: str, threads: int, cases: list[Case]) -> None:
+    _step("loading the variant")
     import numpy as np
 
     g = _ggml(lib_dir)
-    _step("loading the variant")
     reg = g.ggml_backend_load(variant.encode())
     if not reg:
         raise SystemExit(f"ggml could not load {variant}")
     dev = g.ggml_backend_reg_dev_get(reg, 0)
     backend = g.ggml_backend_dev_init(dev, None)
+    if not dev or not backend:
+        raise SystemExit(f"{variant} gave no CPU device")
     set_threads = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
     if set_threads:
         ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(backend, threads)
@@ -386,6 +436,8 @@ def _child_run(lib_dir: Path, variant: str, out: str, threads: int, cases: list[
             overhead = g.ggml_tensor_overhead() * (1 + 2 * len(BATCHES)) + g.ggml_graph_overhead()
             wctx = g.ggml_init(_InitParams(g.ggml_tensor_overhead(), None, True))
             actx = g.ggml_init(_InitParams(overhead * 2, None, True))
+            if not wctx or not actx:
+                raise SystemExit("ggml_init failed")
             w = g.ggml_new_tensor_2d(wctx, case.type, case.k, case.rows)
             xs = {b: g.ggml_new_tensor_2d(actx, F32, case.k, b) for b in BATCHES}
             ys = {b: g.ggml_mul_mat(actx, w, x) for b, x in xs.items()}

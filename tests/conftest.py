@@ -20,9 +20,12 @@ def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The CPU variant verdicts of this run go to a cache of its own (the developer's stay
     untouched, and the self-test really runs); models are still read from the real cache."""
     cache = tmp_path_factory.mktemp("cache")
-    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "EDGE_LLM_MODELS_DIR")}
+    saved = {
+        k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "EDGE_LLM_MODELS_DIR", "CACHE_DIRECTORY")
+    }
     os.environ["EDGE_LLM_MODELS_DIR"] = str(models.models_dir())
     os.environ["XDG_CACHE_HOME"] = str(cache)
+    os.environ.pop("CACHE_DIRECTORY", None)  # systemd's, which would win
     yield cache
     for k, v in saved.items():
         if v is None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from helpers import ServeProcess
 
@@ -68,8 +69,8 @@ def test_the_build_carries_every_variant() -> None:
         assert {"x64", "sse42", "haswell", "skylakex", "icelake", "zen4"} <= names
 
 
-def test_the_chosen_variant_passed_and_every_better_scored_one_failed(tiny_model: Path) -> None:
-    cpu = doctor("--model", str(tiny_model))["cpu_backend"]
+def test_the_chosen_variant_passed_and_every_better_scored_one_failed(tiny_model, tmp_path):
+    cpu = doctor("--model", str(tiny_model), env={"XDG_CACHE_HOME": str(tmp_path)})["cpu_backend"]
     scores, chosen = cpu["scores"], cpu["variant"]
     assert chosen not in cpu["rejected"]
     better = {v for v, s in scores.items() if s > scores[chosen]}
@@ -227,11 +228,11 @@ def test_the_cases_are_the_models_weight_matrices(tiny_model: Path) -> None:
         ('fprintf(stderr, "repack.cpp:42: GGML_ASSERT(n % 8 == 0) failed\\n"); abort();',
          "killed by SIGABRT during loading the variant (repack.cpp:42: GGML_ASSERT(n % 8 == 0) "
          "failed)"),
-        ("for (;;) {}", "did not finish in 3 s during loading the variant"),
+        ("for (;;) {}", "did not finish in 5 s during loading the variant"),
     ],
 )  # fmt: skip
 def test_how_a_variant_fails_is_told(tmp_path, monkeypatch, body: str, failure: str) -> None:
-    monkeypatch.setattr(cpucheck, "TIMEOUT", 3)
+    monkeypatch.setattr(cpucheck, "TIMEOUT", 5)
     monkeypatch.setenv("PYTHONFAULTHANDLER", "1")  # as under the systemd unit
     source = f"#include <stdio.h>\n#include <stdlib.h>\nvoid *ggml_backend_init(void) {{ {body} }}"
     lib = compile_variant(source, tmp_path / "libggml-cpu-bad.so")
@@ -239,16 +240,32 @@ def test_how_a_variant_fails_is_told(tmp_path, monkeypatch, body: str, failure: 
     assert cpucheck.Trial(lib_dir, lib, cpucheck.DEFAULT_CASES).outcome().failure == failure
 
 
-def test_wrong_numbers_are_caught() -> None:
-    import numpy as np
+def test_a_variant_that_crashes_when_scored_scores_zero(tmp_path: Path) -> None:
+    boom = "__attribute__((constructor)) static void boom(void) { __builtin_trap(); }"
+    lib = compile_variant(boom, tmp_path / f"{backend.PREFIX}boom.so")
+    lib_dir, _ = backend._dirs()
+    real = backend.variants()
+    plainest = min(backend.load().scores.items(), key=lambda kv: kv[1] or 1 << 30)[0]
+    found = {"boom": lib, plainest: real[plainest]}
+    assert cpucheck.scores(lib_dir, found) == {"boom": 0, plainest: backend.load().scores[plainest]}
 
+
+def test_wrong_numbers_are_caught() -> None:
     ref = np.arange(1, 201, dtype=np.float32).reshape(2, 100)
     reference = cpucheck.Outcome({"q4_K/256/100/2/CPU": ref})
-    close = cpucheck.Outcome({"q4_K/256/100/2/AMX": ref * 1.001})
-    assert cpucheck.differs(close, reference) == ""
+
+    def candidate(amx: np.ndarray, plain: np.ndarray = ref) -> cpucheck.Outcome:
+        return cpucheck.Outcome({"q4_K/256/100/2/CPU": plain, "q4_K/256/100/2/AMX": amx})
+
+    assert cpucheck.differs(candidate(ref * 1.001), reference) == ""
     for bad in (ref * 0, ref * np.nan, ref[::-1].copy()):
-        cause = cpucheck.differs(cpucheck.Outcome({"q4_K/256/100/2/AMX": bad}), reference)
+        cause = cpucheck.differs(candidate(bad), reference)
         assert cause.startswith("wrong numbers in a 2-token q4_K matmul with AMX weights")
+    # A case the candidate skipped, or one the reference never ran, is not a pass.
+    skipped = cpucheck.Outcome({"q4_K/256/100/2/AMX": ref})
+    assert cpucheck.differs(skipped, reference) == "did not run a 2-token q4_K matmul"
+    extra = cpucheck.Outcome({**candidate(ref).results, "q6_K/256/100/1/CPU": ref[:1]})
+    assert "which the reference could not" in cpucheck.differs(extra, reference)
 
 
 def test_verdicts_are_kept_per_key_and_survive_an_unwritable_cache(tmp_path: Path) -> None:
@@ -264,3 +281,94 @@ def test_verdicts_are_kept_per_key_and_survive_an_unwritable_cache(tmp_path: Pat
     assert cpucheck.Verdicts(path, "k1").outcomes == {}  # a damaged file: test again
     (tmp_path / "a-file").write_text("")
     assert "a-file" in cpucheck.Verdicts(tmp_path / "a-file" / "v.json", "k").save()
+
+
+# -- what is remembered, with stand-in children (the logic only; the real ones are above) -----
+
+GOOD = cpucheck.Outcome({"q8_0/256/128/1/CPU": np.ones((1, 128))})
+
+
+@pytest.fixture
+def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Three variants (x64 < mid < top) whose children give the outcomes the test sets."""
+    found = {name: tmp_path / f"{backend.PREFIX}{name}.so" for name in ("x64", "mid", "top")}
+    for path in found.values():
+        path.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lib_dir, _ = backend._dirs()
+    memory = cpucheck.Verdicts(cpucheck.verdict_file(), cpucheck.key(lib_dir, found, None))
+    memory.scores = {"x64": 1, "mid": 2, "top": 3}
+    memory.save()
+    outcomes: dict[str, cpucheck.Outcome] = {}
+    runs: list[str] = []
+
+    class StandIn:
+        def __init__(self, _lib: Path, path: Path, _cases: object) -> None:
+            self.name = path.stem.removeprefix(backend.PREFIX)
+            runs.append(self.name)
+
+        def outcome(self) -> cpucheck.Outcome:
+            return outcomes[self.name]
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(cpucheck, "Trial", StandIn)
+
+    def choose(variant: str = "auto") -> tuple[backend.CpuBackend, dict[str, str], list[str]]:
+        runs.clear()
+        chosen = backend._choose(lib_dir, found, variant, None)
+        remembered = cpucheck.Verdicts(memory.path, memory.key).outcomes
+        return chosen, remembered, list(runs)
+
+    return outcomes, choose
+
+
+def test_a_timeout_is_not_remembered_a_crash_is(stand_ins) -> None:
+    outcomes, choose = stand_ins
+    outcomes.update(top=cpucheck.Outcome({}, "did not finish in 30 s", lasting=False),
+                    mid=GOOD, x64=GOOD)  # fmt: skip
+    chosen, remembered, runs = choose()
+    assert chosen.variant == "mid" and chosen.rejected == {"top": "did not finish in 30 s"}
+    assert remembered == {"mid": ""}
+    assert sorted(runs) == ["mid", "top", "x64"]
+    outcomes["top"] = cpucheck.Outcome({}, "killed by SIGILL during x")
+    chosen, remembered, runs = choose()
+    assert remembered == {"mid": "", "top": "killed by SIGILL during x"}
+    chosen, remembered, runs = choose()
+    assert (chosen.variant, chosen.tested, runs) == ("mid", "verdict remembered", [])
+
+
+def test_a_pass_not_compared_with_the_reference_is_not_remembered(stand_ins) -> None:
+    outcomes, choose = stand_ins
+    outcomes.update(top=GOOD, x64=cpucheck.Outcome({}, "killed by SIGSEGV during y"))
+    chosen, remembered, _ = choose()
+    assert chosen.variant == "top" and remembered == {}
+
+
+def test_when_nothing_passes_nothing_is_remembered(stand_ins) -> None:
+    outcomes, choose = stand_ins
+    for name in ("top", "mid", "x64"):
+        outcomes[name] = cpucheck.Outcome({}, f"killed by SIGILL in {name}")
+    with pytest.raises(backend.BackendError, match="no CPU variant passed its self-test"):
+        choose()
+    memory = json.loads(cpucheck.verdict_file().read_text())
+    assert [entry["outcomes"] for entry in memory.values()] == [{}]
+
+
+def test_the_reference_runs_once_even_as_the_last_candidate(stand_ins) -> None:
+    outcomes, choose = stand_ins
+    outcomes.update(top=cpucheck.Outcome({}, "killed by SIGILL"),
+                    mid=cpucheck.Outcome({}, "killed by SIGBUS"), x64=GOOD)  # fmt: skip
+    chosen, remembered, runs = choose()
+    assert chosen.variant == "x64" and sorted(runs) == ["mid", "top", "x64"]
+    assert remembered == {"top": "killed by SIGILL", "mid": "killed by SIGBUS", "x64": ""}
+
+
+def test_a_forced_variant_that_fails_names_those_that_pass(stand_ins) -> None:
+    outcomes, choose = stand_ins
+    outcomes.update(top=cpucheck.Outcome({}, "killed by SIGILL"), mid=GOOD, x64=GOOD)
+    with pytest.raises(backend.BackendError, match=r"top variant failed .*passed: mid, x64"):
+        choose("top")
+    chosen, _, runs = choose("mid")
+    assert chosen.forced and chosen.variant == "mid" and runs == []
