@@ -217,6 +217,9 @@ class Scheduler:
         timings = _timings(job)
         notice = job.notice if reason is FinishReason.CANCELLED else ""
         self.served += 1  # before the last chunk: whoever reads it sees the count include it
+        with self._cond:  # done before its last chunk goes: close() must not cancel it now
+            self.running = None
+            self._cond.notify_all()
         job.outbox.put(Chunk("", reason, _usage(stats), timings, notice))
         _log_finished(job, reason, timings)
 

@@ -136,6 +136,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         text = "".join(answer)
         if _checked(context, lambda: loaded.conversations.finish(turn, text, job.cancelled.is_set)):
             yield convert.chunk_to_pb(replace(chunk, notice=turn.notice))
+        else:  # cancelled as it finished: say so, never end OK without a last message
+            _abort(context, grpc.StatusCode.ABORTED,
+                   "the answer was cancelled as it finished, not kept; send it again")  # fmt: skip
 
     def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.ServicerContext

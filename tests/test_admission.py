@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -145,3 +146,34 @@ def test_job_cancelled_before_submit_never_reaches_the_engine(engine_and_schedul
     scheduler.submit(early)
     assert [c.finish_reason for c in early.chunks()] == [FinishReason.CANCELLED]
     assert engine.ran == []
+
+
+def test_close_does_not_cancel_a_job_whose_last_chunk_is_out(engine_and_scheduler) -> None:
+    """A session's finished turn is stored only if its job was not cancelled: a shutdown
+    racing the last chunk used to cancel it, and the client got OK with no last message."""
+    engine, scheduler = engine_and_scheduler
+    reached, go = threading.Event(), threading.Event()
+
+    class Gate(logging.Handler):  # holds the worker where it logs the finished request
+        def emit(self, record: logging.LogRecord) -> None:
+            if "finished" in record.getMessage():
+                reached.set()
+                go.wait(30)
+
+    logger = logging.getLogger("edge_llm.admission")
+    gate, level = Gate(), logger.level
+    logger.addHandler(gate)
+    logger.setLevel(logging.INFO)
+    try:
+        j = job("a", max_tokens=1)
+        scheduler.submit(j)
+        engine.step.release()
+        assert reached.wait(30)
+        assert scheduler.running is None  # its last chunk is out: no longer running
+        scheduler.close(notice="shutting down", timeout=0)
+    finally:
+        go.set()
+        logger.removeHandler(gate)
+        logger.setLevel(level)
+    assert not j.cancelled.is_set()
+    assert [c.finish_reason for c in j.chunks()] == [None, FinishReason.LENGTH]

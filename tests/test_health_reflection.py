@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_get_info_describes_model_runtime_and_limits(server, stub, tiny_model: P
     assert info.model.parameter_count > 100_000_000
     assert info.model.size_bytes == tiny_model.stat().st_size
     assert info.model.has_chat_template
-    assert info.runtime.llama_cpp_python_version == "0.3.36"
+    assert info.runtime.llama_cpp_python_version == version("llama-cpp-python")
     assert info.runtime.threads == 2
     assert info.limits.context_length == 1024
     assert info.limits.queue_depth == 4
