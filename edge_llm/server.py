@@ -376,6 +376,9 @@ def _load_or_stop(server: Server, stopping: threading.Event) -> None:
     try:
         server.load()
     except Exception as e:
+        if stopping.is_set():  # a signal during the load refuses its warm-up: not a failure
+            log.info("stopped during the load (%s)", e)
+            return
         server.load_error = e
         log.error("%s", e)
         stopping.set()

@@ -9,13 +9,16 @@ stuck inside llama.cpp stops the pings, and systemd kills and restarts the servi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 STATUS_EVERY = 5.0  # seconds between STATUS= updates when there is no watchdog to pace them
 
 
@@ -90,6 +93,7 @@ class Watchdog:
         self._tick = timeout / 2 if timeout else STATUS_EVERY
         self._stall_limit = timeout or 60.0  # without a watchdog: only reported in STATUS
         self._stop = threading.Event()
+        self._last_error = ""
         self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
 
     def start(self) -> None:
@@ -101,23 +105,34 @@ class Watchdog:
     def _loop(self) -> None:
         last_status, stalled_before = "", False
         while True:
-            stalled = self._stalled_for()
+            stalled = self._safely("reading the worker", self._stalled_for, float("inf"))
             if stalled >= self._stall_limit:
                 status = f"inference worker stalled for {stalled:.0f} s: watchdog pings stopped"
                 if not stalled_before:
                     log.error("%s; health NOT_SERVING, systemd will restart the service", status)
-                    self._on_stall(True)
+                    self._safely("turning health", lambda: self._on_stall(True), None)
                 stalled_before = True
             else:
                 if stalled_before:
                     log.warning("inference worker made progress again: watchdog pings resume")
-                    self._on_stall(False)
+                    self._safely("turning health", lambda: self._on_stall(False), None)
                 stalled_before = False
-                status = self._status()
                 if self._notifier.watchdog_seconds:
-                    self._notifier.watchdog()
+                    self._safely("WATCHDOG=1", self._notifier.watchdog, None)
+                status = self._safely("the status line", self._status, last_status)
             if status != last_status:
-                self._notifier.status(status)
+                self._safely("STATUS=", functools.partial(self._notifier.status, status), None)
                 last_status = status
             if self._stop.wait(self._tick):
                 return
+
+    def _safely(self, what: str, step: Callable[[], T], otherwise: T) -> T:
+        """One step of the loop: an error in it is logged, and the loop (whose pings keep a
+        healthy service alive) carries on."""
+        try:
+            return step()
+        except Exception as e:
+            if str(e) != self._last_error:  # once, not every tick
+                log.exception("watchdog: %s failed; the watchdog carries on", what)
+                self._last_error = str(e)
+            return otherwise

@@ -102,7 +102,7 @@ class NotifySocket:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.messages: list[tuple[float, dict[str, str]]] = []
-        self._arrived = threading.Condition()
+        self._arrived = threading.Condition(threading.RLock())
         threading.Thread(target=self._receive, daemon=True).start()
 
     def _receive(self) -> None:
@@ -130,8 +130,14 @@ class NotifySocket:
                 raise AssertionError(f"no {key}={value or '*'} in {timeout} s: {self.messages}")
             return found()  # type: ignore[return-value]
 
-    def times(self, key: str) -> list[float]:
+    def wait_for_count(self, key: str, count: int, timeout: float = 60) -> None:
+        """Until `count` messages with `key` have arrived."""
         with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self.times(key)) >= count, timeout):
+                raise AssertionError(f"fewer than {count} {key} in {timeout} s: {self.messages}")
+
+    def times(self, key: str) -> list[float]:
+        with self._arrived:  # re-entrant: wait_for_count holds it
             return [at for at, fields in self.messages if key in fields]
 
     def close(self) -> None:

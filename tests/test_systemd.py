@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import NotifySocket, ServeProcess
 
-from edge_llm.systemd import Notifier
+from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -196,6 +196,27 @@ def test_sigint_lets_accepted_streams_finish_and_exits_promptly(
         server.kill()
 
 
+def test_the_watchdog_survives_its_own_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing status line must not stop the pings: systemd would abort a healthy service."""
+    sock = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", sock.path)  # systemd-python sends to this
+    notifier = Notifier(env={"NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": "100000"})
+    failures = []
+
+    def status() -> str:
+        failures.append(1)
+        raise RuntimeError("the status line broke")
+
+    watchdog = Watchdog(notifier, lambda: 0.0, status, lambda stalled: None)
+    watchdog.start()
+    try:
+        sock.wait_for_count("WATCHDOG", 4)
+    finally:
+        watchdog.stop()
+        sock.close()
+    assert len(failures) >= 3
+
+
 def test_notifier_is_a_no_op_without_systemd() -> None:
     notifier = Notifier(env={})
     notifier.ready("x")  # nothing to send to, nothing raised
@@ -232,3 +253,25 @@ def test_a_stop_during_the_load_leaves_the_model_alone(tiny_model: Path, caplog)
     loader.join(30)
     assert "stopped during the model load" in caplog.text
     assert not loader.is_alive()
+
+
+def test_a_stop_just_before_the_warm_up_is_an_ordinary_stop(tiny_model, monkeypatch) -> None:
+    """SIGTERM after the scheduler exists but before the warm-up is queued: the warm-up is
+    refused, and that must not turn an ordinary stop into exit status 1."""
+    from helpers import make_config
+
+    from edge_llm import server as server_module
+
+    server = server_module.Server(make_config(tiny_model))
+    stopping = threading.Event()
+    warm_up = server_module._warm_up
+
+    def signal_first(engine, scheduler) -> None:  # the signal lands here
+        stopping.set()
+        server.stop(drain=0)
+        warm_up(engine, scheduler)
+
+    monkeypatch.setattr(server_module, "_warm_up", signal_first)
+    server.start()
+    server_module._load_or_stop(server, stopping)
+    assert server.load_error is None
