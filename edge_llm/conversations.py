@@ -128,10 +128,27 @@ class Conversations:
     def release(self, claim: Claim) -> None:
         self._release(claim.session.id, claim.token)
 
+    def release_soon(self, claim: Claim) -> None:
+        """release() without waiting: for gRPC's RPC-done callbacks, which run on its one
+        polling thread. If a turn is being committed (an fsync, slow on an SD card), the
+        release happens on a thread of its own once the commit is done."""
+        if not self._lock.acquire(blocking=False):
+            threading.Thread(target=self.release, args=(claim,), name="release-session",
+                             daemon=True).start()  # fmt: skip
+            return
+        try:
+            self._free(claim.session.id, claim.token)
+        finally:
+            self._lock.release()
+
     def _release(self, session_id: str, claim_token: int) -> None:
         with self._lock:
-            if self._busy.get(session_id) == claim_token:
-                del self._busy[session_id]
+            self._free(session_id, claim_token)
+
+    def _free(self, session_id: str, claim_token: int) -> None:
+        """Under the lock: the session is no longer busy, if this claim still holds it."""
+        if self._busy.get(session_id) == claim_token:
+            del self._busy[session_id]
 
     def _maybe_expire(self) -> None:
         now = time.monotonic()

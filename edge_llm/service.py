@@ -200,10 +200,11 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     def _ended(self, job: Job, loaded: Loaded, turn: Turn | None) -> None:
         """The RPC-done callback: the client cancelled, went away or passed its deadline, or the
         call completed (then cancelling is a no-op). A cancelled turn frees its session now,
-        so the client may send its next message at once."""
+        so the client may send its next message at once. It runs on grpc's one polling
+        thread, which every call's events wait for: it must never block."""
         loaded.scheduler.cancel(job)
         if turn is not None:
-            loaded.conversations.release(turn.claim)
+            loaded.conversations.release_soon(turn.claim)  # never block the polling thread
         with self._streams_changed:
             self._streams.discard(job)
             self._streams_changed.notify_all()

@@ -380,3 +380,47 @@ def test_sessions_through_grpcurl(server) -> None:
     assert "FINISH_REASON" in out
     shown = json.loads(call("GetSession", {"id": session_id}))
     assert [m["role"] for m in shown["session"]["messages"]] == ["user", "assistant"]
+
+
+def test_a_slow_commit_does_not_freeze_other_calls(tiny_model: Path) -> None:
+    """A turn's commit (an fsync; seconds on a slow SD card) holds the sessions lock. A cancel
+    arriving then used to wait for it on grpc's polling thread, and every other call froze."""
+    import threading
+
+    srv = start_server(tiny_model)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            loaded = srv.service.loaded
+            store = loaded.conversations.store
+            committing, go = threading.Event(), threading.Event()
+            commit = store.commit_turn
+
+            def slow_commit(*args: object) -> None:
+                committing.set()
+                go.wait(60)
+                commit(*args)
+
+            store.commit_turn = slow_commit  # type: ignore[method-assign]
+            a, b = new_session(stub), new_session(stub)
+            answered: list[str] = []
+            first = threading.Thread(target=lambda: answered.append(say(stub, a, "Hi")[0]))
+            first.start()
+            request = pb.GenerateRequest(session_id=b, max_tokens=500, ignore_eos=True)
+            request.messages.add(role="user", content="Tell me a long story.")
+            second = stub.Generate(request, timeout=60)
+            assert committing.wait(60)  # a's turn is being committed, holding the lock
+            next(second)  # b runs in the engine
+            job = loaded.scheduler.running
+            second.cancel()
+            assert job is not None and job.cancelled.wait(10)  # b's RPC-done callback runs
+            # Another call goes through while the commit still holds the lock.
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=5)
+            assert info.model.name
+            go.set()
+            first.join(60)
+            assert answered and answered[0]
+            assert history(stub, a)[-2:] == [("user", "Hi"), ("assistant", answered[0])]
+            say(stub, b, "Hello again")  # b was freed once the commit was done
+    finally:
+        srv.stop(drain=0)
