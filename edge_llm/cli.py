@@ -26,8 +26,8 @@ def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None
                    f"(default: {d.model})")  # fmt: skip
     p.add_argument("--host", help=f"address to listen on (default: {d.host})")
     p.add_argument("--port", type=int, help=f"port (default: {d.port}; 0 picks a free one)")
-    p.add_argument("--context-length", type=int, help=f"tokens per request, prompt + answer "
-                   f"(default: {d.context_length})")  # fmt: skip
+    p.add_argument("--context-length", type=int, help="tokens per request, prompt + answer "
+                   "(default: 0 = the most the memory plan allows, up to 8192)")  # fmt: skip
     p.add_argument("--threads", type=int, help="generation threads (default: 0 = usable CPUs)")
     p.add_argument("--threads-batch", type=int, help="prompt threads (default: 0 = usable CPUs)")
     p.add_argument("--cpu-variant", help="ggml CPU backend variant, e.g. haswell (default: auto, "
@@ -40,7 +40,7 @@ def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None
     p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request does not "
                    f"set it (default: {d.default_max_tokens})")  # fmt: skip
     p.add_argument("--memory-budget-mb", type=int, help="memory to plan for (default: 0 = the "
-                   "smaller of 2 GiB and the cgroup limit)")  # fmt: skip
+                   "tightest of 2 GiB, the cgroup limit and physical memory)")  # fmt: skip
     p.add_argument("--drain-seconds", type=int, help="on SIGTERM/SIGINT, how long accepted "
                    f"requests may take to finish (default: {d.drain_seconds})")  # fmt: skip
     p.add_argument("--state-dir", help="where sessions are kept (default: $STATE_DIRECTORY, "

@@ -23,8 +23,9 @@ class Config:
     model: str = "default"
     host: str = "127.0.0.1"
     port: int = 50051
-    # Context window (prompt + answer) of each request.
-    context_length: int = 4096
+    # Context window (prompt + answer) of each request; 0: the most the memory plan allows, up
+    # to 8192 (memory.AUTO_CONTEXT).
+    context_length: int = 0
     # 0: pick from the CPUs this process may use.
     threads: int = 0
     threads_batch: int = 0
@@ -35,7 +36,8 @@ class Config:
     batch_size: int = 256
     # Requests that may wait while the engine is busy; one more gets RESOURCE_EXHAUSTED.
     queue_depth: int = 8
-    # MiB the service plans to stay within; 0: the smaller of 2 GiB and the cgroup limit.
+    # MiB the service plans to stay within; 0: the tightest of 2 GiB, the cgroup limit,
+    # physical memory less room for the system, and the memory available at start-up.
     memory_budget_mb: int = 0
     max_tokens: int = 2048  # the cap a request may ask for
     default_max_tokens: int = 512  # when a request does not say
@@ -56,12 +58,12 @@ class Config:
     log_prompts: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("context_length", "batch_size", "queue_depth", "max_tokens", "max_sessions")
+        positive = ("batch_size", "queue_depth", "max_tokens", "max_sessions")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("threads", "threads_batch", "memory_budget_mb", "drain_seconds",
-                     "session_idle_hours", "session_cache_mb"):  # fmt: skip
+        for name in ("context_length", "threads", "threads_batch", "memory_budget_mb",
+                     "drain_seconds", "session_idle_hours", "session_cache_mb"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if not 0 < self.default_max_tokens <= self.max_tokens:

@@ -305,5 +305,6 @@ def info_to_pb(
             requested_context_length=memory.requested_context,
             cache_type=memory.cache_type,
             session_cache_bytes=memory.sessions,
+            budget_reason=memory.budget_why,
         ),
     )

@@ -67,7 +67,7 @@ def report(config: Config) -> dict[str, Any]:
             "requested_context_length": m.requested_context,
             "summary": m.describe(),
         }
-        if m.shrunk:
+        if m.shrunk and config.context_length:
             out["warnings"].append(
                 f"context {m.requested_context} does not fit: the service will use "
                 f"{m.context_length}"

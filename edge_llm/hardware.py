@@ -85,6 +85,7 @@ class Board:
     cpus: tuple[Cpu, ...]  # online CPUs this process may run on (affinity)
     cpu_quota: float | None  # CPUs allowed by the cgroup CPU quota; None when unlimited
     mem_available: int | None  # bytes, /proc/meminfo MemAvailable
+    mem_total: int | None  # bytes, /proc/meminfo MemTotal: physical memory
     mem_limit: int | None  # bytes, the tightest cgroup memory limit (v2 max/high, v1 limit)
     warnings: tuple[str, ...] = field(default=())
 
@@ -152,6 +153,7 @@ def detect(root: Path = LIVE) -> Board:
         cpus=cpus,
         cpu_quota=_cpu_quota(root),
         mem_available=_meminfo(root, "MemAvailable"),
+        mem_total=_meminfo(root, "MemTotal"),
         mem_limit=_memory_limit(root),
         warnings=_warnings(root),
     )

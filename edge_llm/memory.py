@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 MIB = 1024**2
 GIB = 1024**3
-DEFAULT_CAP = 2 * GIB  # the appliance's budget when no cgroup limit is tighter
+DEFAULT_CAP = 2 * GIB  # the appliance's budget when nothing else is tighter
+OS_HEADROOM = 256 * MIB  # physical memory left to the system: kernel, journald, sshd, ...
+AUTO_CONTEXT = 8192  # the context when none is configured, if the plan allows it
 RUNTIME_BYTES = 192 * MIB  # measured: up to 163 MiB (Python, gRPC, numpy, repacked weights)
 COMPUTE_MARGIN = 1.1  # llama.cpp's compute buffer measured 1-2 % above the logits term
 MIN_CONTEXT = 512
@@ -53,6 +55,7 @@ class MemoryPlan:
     runtime: int
     cache_type: str
     sessions: int = 0
+    budget_why: str = ""  # what set the budget
 
     @property
     def kv(self) -> int:
@@ -67,8 +70,9 @@ class MemoryPlan:
         return self.context_length < self.requested_context
 
     def describe(self) -> str:
+        why = f" ({self.budget_why})" if self.budget_why else ""
         return (
-            f"{self.total / MIB:.0f} MiB of {self.budget / MIB:.0f} MiB: weights "
+            f"{self.total / MIB:.0f} MiB of {self.budget / MIB:.0f} MiB{why}: weights "
             f"{self.weights / MIB:.0f}, KV cache {self.kv / MIB:.0f} ({self.context_length} tokens "
             f"x {self.kv_per_token / 1024:.1f} KiB, {self.cache_type}), compute "
             f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}, saved sessions "
@@ -76,9 +80,30 @@ class MemoryPlan:
         )
 
 
-def budget(mem_limit: int | None, cap: int = DEFAULT_CAP) -> int:
-    """The smaller of the appliance's cap and the cgroup's memory limit."""
-    return min(cap, mem_limit) if mem_limit else cap
+@dataclass(frozen=True, order=True)
+class Budget:
+    bytes: int
+    why: str
+
+
+def budget(
+    mem_limit: int | None,
+    mem_total: int | None = None,
+    mem_available: int | None = None,
+    cap: int = DEFAULT_CAP,
+) -> Budget:
+    """The tightest of the appliance's cap, the cgroup's memory limit, physical memory less
+    room for the system, and the memory available at start-up (other programs keep theirs):
+    a plan above physical memory ends in the OOM killer, and a restart loop."""
+    limits = [Budget(cap, f"the appliance's {cap / MIB:.0f} MiB cap")]
+    if mem_limit:
+        limits.append(Budget(mem_limit, "the cgroup memory limit"))
+    if mem_total:
+        limits.append(Budget(mem_total - OS_HEADROOM, f"physical memory {mem_total / MIB:.0f} "
+                             f"MiB less {OS_HEADROOM / MIB:.0f} MiB for the system"))  # fmt: skip
+    if mem_available:
+        limits.append(Budget(mem_available, "the memory available at start-up"))
+    return min(limits)
 
 
 def kv_bytes_per_token(shape: ModelShape, cache_type: str = "f16") -> int:
@@ -95,6 +120,7 @@ def plan(
     budget_bytes: int,
     cache_type: str = "f16",
     sessions_bytes: int = 0,
+    budget_why: str = "",
 ) -> MemoryPlan:
     """The largest context up to the requested one that fits the budget.
 
@@ -111,10 +137,11 @@ def plan(
     context = wanted if fits >= wanted else fits // CONTEXT_STEP * CONTEXT_STEP
     result = MemoryPlan(budget_bytes, shape.weights_bytes, per_token, context,
                         requested_context, compute, RUNTIME_BYTES, cache_type,
-                        sessions_bytes)  # fmt: skip
+                        sessions_bytes, budget_why)  # fmt: skip
     if context < min(MIN_CONTEXT, wanted):
+        why = f" ({budget_why})" if budget_why else ""
         raise MemoryPlanError(
-            f"the model does not fit in {budget_bytes / MIB:.0f} MiB: weights "
+            f"the model does not fit in {budget_bytes / MIB:.0f} MiB{why}: weights "
             f"{shape.weights_bytes / MIB:.0f} MiB + compute {compute / MIB:.0f} MiB (batch "
             f"{batch_size}) + runtime {RUNTIME_BYTES / MIB:.0f} MiB + saved sessions "
             f"{sessions_bytes / MIB:.0f} MiB leave room for {max(fits, 0)} "

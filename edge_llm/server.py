@@ -56,7 +56,7 @@ class Server:
         self.model_path = models.resolve(config.model)
         models.check_gguf(self.model_path, config.model)  # fail before opening the port
         self.limits = Limits(
-            context_length=config.context_length,
+            context_length=config.context_length or memory.AUTO_CONTEXT,  # planned in load()
             max_tokens=config.max_tokens,
             default_max_tokens=config.default_max_tokens,
             queue_depth=config.queue_depth,
@@ -108,7 +108,7 @@ class Server:
 
     def _load(self) -> None:
         plan = plan_resources(self.config, self.model_path)
-        if plan.memory.shrunk:
+        if plan.memory.shrunk and self.config.context_length:
             log.warning(
                 "context %d tokens does not fit the memory budget or the model's trained context: "
                 "using %d",
@@ -295,12 +295,16 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
     cpu = backend.load(config.cpu_variant, model_path)
     board = hardware.detect()
     threads = hardware.plan_threads(board)
+    limit = memory.budget(board.mem_limit, board.mem_total, board.mem_available)
+    if config.memory_budget_mb:
+        limit = memory.Budget(config.memory_budget_mb * memory.MIB, "memory_budget_mb")
     plan = memory.plan(
         read_shape(model_path),
-        config.context_length,
+        config.context_length or memory.AUTO_CONTEXT,
         config.batch_size,
-        config.memory_budget_mb * memory.MIB or memory.budget(board.mem_limit),
+        limit.bytes,
         sessions_bytes=config.session_cache_mb * memory.MIB,
+        budget_why=limit.why,
     )
     settings = EngineSettings(
         context_length=plan.context_length,

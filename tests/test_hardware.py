@@ -139,6 +139,7 @@ def test_expected_cpu_variant(name: str, variant: str) -> None:
     ("name", "context"),
     [
         ("raspberry-pi-4", 32768),  # 1.8 GiB memory.high: the whole trained context fits
+        ("raspberry-pi-4-2gb", 32768),  # 1590 MiB: physical memory less the system's share
         ("rk3588-orange-pi-5", 32768),
         ("intel-i5-8250u", 32768),
     ],
@@ -149,6 +150,31 @@ def test_memory_plan_for_the_default_model(name: str, context: int) -> None:
     from edge_llm import memory
 
     b = board(name)
-    plan = memory.plan(QWEN, 32768, 256, memory.budget(b.mem_limit))
+    limit = memory.budget(b.mem_limit, b.mem_total, b.mem_available)
+    plan = memory.plan(QWEN, 32768, 256, limit.bytes)
     assert plan.context_length == context
-    assert plan.total <= memory.budget(b.mem_limit)
+    assert plan.total <= limit.bytes
+
+
+def test_a_1gb_pi_plans_within_its_physical_memory() -> None:
+    """MemoryMax=2G on a 1 GB board: planning to the cgroup limit meant an OOM kill, and with
+    MemorySwapMax=0 a restart loop. The default model is refused with the numbers; the tiny
+    one fits."""
+    from test_memory import QWEN
+
+    from edge_llm import memory
+
+    b = board("raspberry-pi-4-1gb")
+    assert b.mem_limit is not None and b.mem_limit > 1 * memory.GIB  # the unit's cap is 2G
+    limit = memory.budget(b.mem_limit, b.mem_total, b.mem_available)
+    assert (limit.bytes, limit.why) == (
+        925804 * 1024 - memory.OS_HEADROOM,
+        "physical memory 904 MiB less 256 MiB for the system",
+    )
+    with pytest.raises(memory.MemoryPlanError, match=r"does not fit in 648 MiB \(physical memory"):
+        memory.plan(QWEN, 8192, 256, limit.bytes, budget_why=limit.why)
+    smol = memory.ModelShape(weights_bytes=98_362_432, n_layer=30, n_head_kv=3, key_length=64,
+                             value_length=64, n_vocab=49152, n_embd=576,
+                             trained_context=8192)  # fmt: skip
+    plan = memory.plan(smol, memory.AUTO_CONTEXT, 256, limit.bytes, budget_why=limit.why)
+    assert plan.context_length == 8192 and plan.total <= limit.bytes

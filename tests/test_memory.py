@@ -33,7 +33,7 @@ def test_kv_cache_per_token() -> None:
 
 
 def test_requested_context_fits_in_two_gib() -> None:
-    plan = memory.plan(QWEN, 8192, 256, memory.budget(None))
+    plan = memory.plan(QWEN, 8192, 256, memory.budget(None).bytes)
     assert plan.context_length == 8192 and not plan.shrunk
     assert plan.kv == 96 * MIB  # llama.cpp: "KV buffer size = 96.00 MiB"
     assert plan.total < 2 * memory.GIB
@@ -55,10 +55,16 @@ def test_too_small_a_budget_is_refused_with_the_numbers() -> None:
         memory.plan(QWEN, 4096, 256, 700 * MIB)
 
 
-def test_budget_is_the_tighter_of_the_cap_and_the_cgroup() -> None:
-    assert memory.budget(None) == 2 * memory.GIB
-    assert memory.budget(1536 * MIB) == 1536 * MIB
-    assert memory.budget(16 * memory.GIB) == 2 * memory.GIB
+def test_budget_is_the_tightest_of_cap_cgroup_physical_and_available() -> None:
+    gib = memory.GIB
+    assert memory.budget(None).bytes == 2 * gib
+    assert memory.budget(1536 * MIB).bytes == 1536 * MIB
+    assert memory.budget(16 * gib, 24 * gib, 20 * gib).bytes == 2 * gib
+    physical = memory.budget(2 * gib, 1 * gib, 900 * MIB)
+    assert physical.bytes == 1 * gib - memory.OS_HEADROOM
+    assert physical.why == "physical memory 1024 MiB less 256 MiB for the system"
+    busy = memory.budget(None, 4 * gib, 1200 * MIB)  # other programs hold the rest
+    assert (busy.bytes, busy.why) == (1200 * MIB, "the memory available at start-up")
 
 
 def test_shape_is_read_from_the_gguf(tiny_model: Path) -> None:
@@ -109,3 +115,22 @@ def test_saved_sessions_give_way_before_the_context() -> None:
     tight = memory.plan(shape, 2048, 64, 400 * MIB, sessions_bytes=128 * MIB)
     assert tight.context_length == 2048 and 0 < tight.sessions < 128 * MIB
     assert tight.total <= 400 * MIB
+
+
+@pytest.mark.parametrize(("budget_mb", "context"), [(0, 8192), (400, None)])
+def test_an_unset_context_is_the_most_the_plan_allows_up_to_8192(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture, budget_mb: int, context: int | None
+) -> None:
+    with caplog.at_level("INFO", logger="edge_llm.server"):
+        server = start_server(tiny_model, context_length=0, memory_budget_mb=budget_mb)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            info = pb_grpc.EdgeLLMStub(ch).GetInfo(pb.GetInfoRequest())
+        assert info.memory.requested_context_length == memory.AUTO_CONTEXT
+        if context is not None:
+            assert info.limits.context_length == context
+        else:  # shrunk to the budget, without a warning: nobody asked for more
+            assert 512 <= info.limits.context_length < memory.AUTO_CONTEXT
+        assert "does not fit" not in caplog.text
+    finally:
+        server.stop(drain=0)

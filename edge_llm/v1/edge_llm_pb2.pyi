@@ -279,7 +279,7 @@ class RuntimeInfo(_message.Message):
     def __init__(self, edge_llm_version: _Optional[str] = ..., llama_cpp_python_version: _Optional[str] = ..., grpcio_version: _Optional[str] = ..., protobuf_version: _Optional[str] = ..., python_version: _Optional[str] = ..., threads: _Optional[int] = ..., threads_batch: _Optional[int] = ..., cpu_features: _Optional[_Iterable[str]] = ..., system_info: _Optional[str] = ..., board: _Optional[str] = ..., threads_reason: _Optional[str] = ..., cpu_variant: _Optional[str] = ..., cpu_variant_reason: _Optional[str] = ..., cpu_variants_rejected: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MemoryPlan(_message.Message):
-    __slots__ = ("budget_bytes", "total_bytes", "weights_bytes", "kv_cache_bytes", "kv_bytes_per_token", "compute_bytes", "runtime_bytes", "context_length", "requested_context_length", "cache_type", "session_cache_bytes")
+    __slots__ = ("budget_bytes", "total_bytes", "weights_bytes", "kv_cache_bytes", "kv_bytes_per_token", "compute_bytes", "runtime_bytes", "context_length", "requested_context_length", "cache_type", "session_cache_bytes", "budget_reason")
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +291,7 @@ class MemoryPlan(_message.Message):
     REQUESTED_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CACHE_TYPE_FIELD_NUMBER: _ClassVar[int]
     SESSION_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_REASON_FIELD_NUMBER: _ClassVar[int]
     budget_bytes: int
     total_bytes: int
     weights_bytes: int
@@ -302,7 +303,8 @@ class MemoryPlan(_message.Message):
     requested_context_length: int
     cache_type: str
     session_cache_bytes: int
-    def __init__(self, budget_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., requested_context_length: _Optional[int] = ..., cache_type: _Optional[str] = ..., session_cache_bytes: _Optional[int] = ...) -> None: ...
+    budget_reason: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., requested_context_length: _Optional[int] = ..., cache_type: _Optional[str] = ..., session_cache_bytes: _Optional[int] = ..., budget_reason: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("context_length", "max_tokens", "default_max_tokens", "queue_depth", "max_stop_strings", "max_stop_string_bytes", "max_messages", "max_request_bytes")
