@@ -55,6 +55,7 @@ class Server:
         self.notifier = notifier or Notifier()
         self.model_path = models.resolve(config.model)
         models.check_gguf(self.model_path, config.model)  # fail before opening the port
+        self.state_dir = sessions.usable_state_directory(config.state_dir)  # this too
         self.limits = Limits(
             context_length=config.context_length or memory.AUTO_CONTEXT,  # planned in load()
             max_tokens=config.max_tokens,
@@ -131,7 +132,7 @@ class Server:
         engine = Engine(self.model_path, settings)
         self._engine = engine
         fault = _Wedge(engine) if os.environ.get(_FAULT_ENV) == "wedge-worker" else None
-        state = sessions.state_directory(self.config.state_dir)
+        state = self.state_dir
         kv = KVStates(engine, state / "kv", plan.memory.sessions)
         self._scheduler = Scheduler(fault or engine, self.config.queue_depth, kv)
         self._scheduler.start()

@@ -58,6 +58,23 @@ def state_directory(configured: str) -> Path:
     return Path(base) / "edge-llm"
 
 
+def usable_state_directory(configured: str) -> Path:
+    """state_directory(), made if need be; an OSError that names it and the setting that moves
+    it when it cannot be written (a read-only root in a container, no home directory)."""
+    path = state_directory(configured)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        problem = "" if os.access(path, os.W_OK) else "not writable"
+    except OSError as e:
+        problem = e.strerror or str(e)
+    if problem:
+        raise OSError(
+            f"cannot keep sessions in {path} ({problem}): set state_dir in the config file, or "
+            "EDGE_LLM_STATE_DIR, to a writable directory"
+        )
+    return path
+
+
 class SessionStore:
     def __init__(self, path: Path, max_sessions: int, idle_expiry_seconds: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,3 +60,20 @@ def test_booleans_from_file_environment_and_flags(tmp_path: Path) -> None:
         load_config(env={"EDGE_LLM_LOG_PROMPTS": "sometimes"})
     with pytest.raises(ConfigError, match="drain_seconds must be >= 0"):
         load_config(env={"EDGE_LLM_DRAIN_SECONDS": "-1"})
+
+
+def test_an_unwritable_state_directory_is_named_in_one_line(tiny_model) -> None:
+    """As in a container with a read-only root and no home: exit 2 before the port opens,
+    with the directory and the setting that moves it."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model),
+                             "--port", "0"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "EDGE_LLM_STATE_DIR": "/proc/edge-llm"})  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "edge-llm: cannot keep sessions in /proc/edge-llm (No such file or directory): set "
+        "state_dir in the config file, or EDGE_LLM_STATE_DIR, to a writable directory"
+    ]

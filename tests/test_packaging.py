@@ -127,3 +127,10 @@ def test_k3s_manifest_probes_and_limits() -> None:
     assert container["resources"]["limits"]["memory"] == "2Gi"
     assert pod["terminationGracePeriodSeconds"] >= Config().drain_seconds + 10
     assert service["spec"]["clusterIP"] == "None"  # headless: clients balance per call
+    # A read-only root: sessions and verdicts go to volumes where the image says they live.
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    image = (ROOT / "packaging" / "Containerfile").read_text()
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for env in ("EDGE_LLM_STATE_DIR", "XDG_CACHE_HOME"):
+        directory = image.split(f"{env}=")[1].split()[0]
+        assert directory in mounts, env
