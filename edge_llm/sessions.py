@@ -5,6 +5,11 @@ the answer's last message goes to the client, so an acknowledged turn survives a
 `kill -9` or a power cut. A cancelled answer is not stored, nor is its user message.
 
 One connection, used under a lock: sessions change a few times a minute, not thousands.
+
+Idle expiry compares stored wall-clock times, and a board without a battery-backed clock boots
+with a wrong one: the store's clock never runs behind the newest stored time or itself, and when
+the system clock is set forward (NTP after such a boot), the times written since start-up move
+with it, so a session used a minute ago stays a minute old.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 from edge_llm.types import ChatMessage, NotFoundError, RequestError, SamplingDefaults, Session
 
 log = logging.getLogger(__name__)
+
+CLOCK_JUMP = 300.0  # seconds the wall clock may gain on the monotonic one before it was "set"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -87,6 +94,8 @@ class SessionStore:
         self._db.execute("PRAGMA synchronous = FULL")  # a turn is on disk once commit returns
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.executescript(_SCHEMA)
+        (newest,) = self._db.execute("SELECT max(updated_at) FROM sessions").fetchone()
+        self._clock = _Clock(newest or 0.0)
 
     def close(self) -> None:
         with self._lock:
@@ -97,9 +106,9 @@ class SessionStore:
     ) -> tuple[Session, list[str]]:
         """A new session; also the ids of the sessions removed to make room or idle too long
         (never those in `keep`: they are answering)."""
-        now = time.time()
         session_id = uuid.uuid4().hex
         with self._lock, self._transaction():
+            now = self._now()
             removed = self._expire(now, room_for=1, keep=keep)
             self._db.execute(
                 "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at) "
@@ -135,7 +144,7 @@ class SessionStore:
             args = [updated_at, after_id]
         if self.idle_expiry_seconds:
             where += (" AND " if where else "WHERE ") + "s.updated_at >= ?"
-            args.append(time.time() - self.idle_expiry_seconds)
+            args.append(self._now() - self.idle_expiry_seconds)
         with self._lock:
             rows = self._db.execute(
                 "SELECT s.id, s.system_prompt, s.defaults, s.created_at, s.updated_at, "
@@ -157,8 +166,8 @@ class SessionStore:
         self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int = 0
     ) -> None:
         """Store a finished turn, after dropping the `drop` oldest messages: all or nothing."""
-        now = time.time()
         with self._lock, self._transaction():
+            now = self._now()
             exists = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,))
             if exists.fetchone() is None:
                 raise NotFoundError(f"session {session_id} was deleted during the answer")
@@ -188,7 +197,7 @@ class SessionStore:
     def expire(self, keep: Collection[str] = ()) -> list[str]:
         """Remove idle and surplus sessions now, except those in `keep`; their ids."""
         with self._lock, self._transaction():
-            return self._expire(time.time(), room_for=0, keep=keep)
+            return self._expire(self._now(), room_for=0, keep=keep)
 
     def _expire(self, now: float, room_for: int, keep: set[str]) -> list[str]:
         ids = []
@@ -220,9 +229,22 @@ class SessionStore:
         return ids
 
     def _idle(self, updated_at: float) -> bool:
-        return (
-            bool(self.idle_expiry_seconds) and updated_at < time.time() - self.idle_expiry_seconds
-        )
+        idle = self.idle_expiry_seconds
+        return bool(idle) and updated_at < self._now() - idle
+
+    def _now(self) -> float:
+        """The store's time (under the lock); a clock set forward carries this run's times."""
+        now, jump = self._clock.now()
+        if jump:
+            log.warning("the system clock was set forward by %.0f s: the sessions used since "
+                        "start-up keep their age", jump)  # fmt: skip
+            self._db.execute(
+                "UPDATE sessions SET updated_at = updated_at + ?, created_at = created_at + "
+                "(CASE WHEN created_at >= ? THEN ? ELSE 0 END) WHERE updated_at >= ?",
+                (jump, self._clock.started, jump, self._clock.started),
+            )
+            self._clock.started += jump
+        return now
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -234,6 +256,27 @@ class SessionStore:
                 self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+class _Clock:
+    """Wall-clock time that never goes back: not behind `floor` (the newest time stored) nor
+    behind itself. now() also says how far the system clock was set forward, if it was."""
+
+    def __init__(self, floor: float) -> None:
+        wall = time.time()
+        if wall < floor:
+            log.warning("the system clock is behind the newest session time by %.0f s (not set "
+                        "yet?): session times go on from there", floor - wall)  # fmt: skip
+        self._now = max(wall, floor + 0.001)  # this run's times are all above the old ones
+        self._mono = time.monotonic()
+        self.started = self._now
+
+    def now(self) -> tuple[float, float]:
+        wall, mono = time.time(), time.monotonic()
+        expected = self._now + (mono - self._mono)
+        self._mono = mono
+        self._now = max(wall, expected)
+        return self._now, (wall - expected if wall - expected > CLOCK_JUMP else 0.0)
 
 
 def _session(row: tuple, messages: tuple[ChatMessage, ...], count: int) -> Session:

@@ -143,3 +143,21 @@ class NotifySocket:
     def close(self) -> None:
         self.sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class FakeClock:
+    """time.time() and time.monotonic() for a module under test (monkeypatch its `time`): the
+    wall clock can be set, as NTP or a person would; both advance together otherwise."""
+
+    def __init__(self, wall: float = 1_800_000_000.0) -> None:
+        self.wall, self.mono = wall, 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono

@@ -115,20 +115,24 @@ def test_saved_caches_spill_to_disk_come_back_and_are_forgotten(tmp_path: Path) 
 
 
 def test_idle_sessions_go_while_the_server_is_used(tmp_path: Path, monkeypatch) -> None:
-    import time
+    from helpers import FakeClock
 
     from edge_llm import conversations as module
+    from edge_llm import sessions
 
-    store = SessionStore(tmp_path / "s.sqlite3", max_sessions=10, idle_expiry_seconds=0.4)
+    clock = FakeClock()
+    monkeypatch.setattr(sessions, "time", clock)
+    monkeypatch.setattr(module, "time", clock)
+    store = SessionStore(tmp_path / "s.sqlite3", max_sessions=10, idle_expiry_seconds=3600)
     forgotten: list[str] = []
     conv = Conversations(store, CONTEXT, True, words, True, forgotten.append)
     idle = conv.create("", SamplingDefaults())
     busy = conv.create("", SamplingDefaults())
     answering = conv.claim(busy.id)  # answering: never removed
-    time.sleep(0.25)
+    clock.advance(3000)
     fresh = conv.create("", SamplingDefaults())  # nothing idle long enough yet
     assert forgotten == []
-    time.sleep(0.25)
+    clock.advance(700)  # idle: 3700 s; fresh: 700 s
     monkeypatch.setattr(module, "EXPIRE_EVERY", 0.0)
     conv.release(conv.claim(fresh.id))  # a turn starting checks for idle sessions
     assert forgotten == [idle.id]

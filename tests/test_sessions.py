@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -353,12 +352,69 @@ def test_store_retention(tmp_path: Path) -> None:
         store.get(ids[1])
     assert store.expire(keep=set(ids)) == []
 
-    idle = SessionStore(tmp_path / "i.sqlite3", max_sessions=10, idle_expiry_seconds=0.3)
+
+def test_idle_sessions_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import FakeClock
+
+    from edge_llm import sessions
+
+    clock = FakeClock()
+    monkeypatch.setattr(sessions, "time", clock)
+    idle = SessionStore(tmp_path / "i.sqlite3", max_sessions=10, idle_expiry_seconds=3600)
     session, _ = idle.create("", SamplingDefaults())
-    time.sleep(0.4)
+    clock.advance(3599)
+    assert idle.get(session.id).id == session.id
+    clock.advance(2)
     with pytest.raises(NotFoundError):
         idle.get(session.id)
     assert idle.expire() == [session.id]
+
+
+def test_a_clock_behind_the_stored_times_expires_nothing(tmp_path, monkeypatch) -> None:
+    """A board without a battery-backed clock boots in 1970 (or at its last shutdown): the
+    sessions of the last run are not thrown away, nor kept forever."""
+    from helpers import FakeClock
+
+    from edge_llm import sessions
+
+    clock = FakeClock()
+    monkeypatch.setattr(sessions, "time", clock)
+    path = tmp_path / "s.sqlite3"
+    before, _ = SessionStore(path, 10, 3600).create("", SamplingDefaults())
+    clock.wall = 0.0  # the next boot, clock not set yet
+    store = SessionStore(path, 10, 3600)
+    clock.advance(3000)
+    assert store.expire() == []
+    new, _ = store.create("", SamplingDefaults())
+    assert new.updated_at > before.updated_at + 2999  # time goes on from the newest stored
+    clock.advance(700)
+    assert store.expire() == [before.id]  # an hour after the last run's last use
+
+
+def test_a_clock_set_forward_keeps_this_runs_sessions_young(tmp_path, monkeypatch) -> None:
+    """NTP sets the clock forward by days after such a boot: sessions used since start-up keep
+    their age; older ones are as old as the new clock says."""
+    from helpers import FakeClock
+
+    from edge_llm import sessions
+
+    clock = FakeClock()
+    monkeypatch.setattr(sessions, "time", clock)
+    path = tmp_path / "s.sqlite3"
+    old, _ = SessionStore(path, 10, 3600).create("", SamplingDefaults())
+    clock.advance(600)  # restarted 10 minutes later, clock right
+    store = SessionStore(path, 10, 3600)
+    clock.wall -= 5 * 86400  # ...or rather: it boots 5 days behind,
+    young, _ = store.create("", SamplingDefaults())
+    clock.advance(60)
+    clock.wall += 5 * 86400  # and NTP puts it right a minute later
+    assert store.expire() == []  # nothing is 5 days old
+    assert store.get(young.id).updated_at == pytest.approx(clock.wall - 60, abs=1)
+    clock.advance(3000)
+    assert store.expire() == [old.id]
+    clock.wall -= 86400  # set back: times never go backwards
+    later, _ = store.create("", SamplingDefaults())
+    assert later.updated_at > store.get(young.id).updated_at
 
 
 def test_sessions_through_grpcurl(server) -> None:
