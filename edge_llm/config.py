@@ -52,6 +52,9 @@ class Config:
     session_idle_hours: int = 168  # unused this long: removed; 0 = never
     # MiB of saved session KV caches kept in memory (part of the memory plan); more go to disk.
     session_cache_mb: int = 128
+    # MiB of saved session KV caches kept on disk beyond that (the least recently used go);
+    # 0: a quarter of the free space in state_dir at start-up, at most 2048.
+    session_disk_mb: int = 0
     # A conversation that no longer fits the context: "drop_oldest" turns, or "refuse".
     context_overflow: str = "drop_oldest"
     # Put prompt text in the logs (debugging only: prompts are the users' words).
@@ -63,7 +66,8 @@ class Config:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("context_length", "threads", "threads_batch", "memory_budget_mb",
-                     "drain_seconds", "session_idle_hours", "session_cache_mb"):  # fmt: skip
+                     "drain_seconds", "session_idle_hours", "session_cache_mb",
+                     "session_disk_mb"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if not 0 < self.default_max_tokens <= self.max_tokens:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -133,13 +134,14 @@ class Server:
         self._engine = engine
         fault = _Wedge(engine) if os.environ.get(_FAULT_ENV) == "wedge-worker" else None
         state = self.state_dir
-        kv = KVStates(engine, state / "kv", plan.memory.sessions)
+        kv = KVStates(engine, state / "kv", plan.memory.sessions, _disk_budget(self.config, state))
         self._scheduler = Scheduler(fault or engine, self.config.queue_depth, kv)
         self._scheduler.start()
         store = sessions.SessionStore(
             state / "sessions.sqlite3",
             self.config.max_sessions,
             self.config.session_idle_hours * 3600,
+            make_room=kv.free_disk,
         )
         for removed in store.expire():
             kv.forget(removed)
@@ -315,6 +317,15 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
     )
     why = "configured" if config.threads or config.threads_batch else threads.why
     return ResourcePlan(board, cpu, settings, why, plan)
+
+
+def _disk_budget(config: Config, state: Path) -> int:
+    """Bytes of spilled session caches: configured, or a quarter of the free space, <= 2 GiB."""
+    if config.session_disk_mb:
+        return config.session_disk_mb * memory.MIB
+    budget = min(shutil.disk_usage(state).free // 4, 2 * memory.GIB)
+    log.info("session caches on disk: up to %d MiB in %s", budget // memory.MIB, state / "kv")
+    return budget
 
 
 def _warm_up(engine: Engine, scheduler: Scheduler) -> None:

@@ -35,6 +35,7 @@ from edge_llm.types import (
     QueueFullError,
     RequestError,
     RuntimeInfo,
+    StorageFullError,
 )
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
@@ -233,6 +234,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StorageFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
 }
 

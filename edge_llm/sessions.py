@@ -23,11 +23,18 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from edge_llm.types import ChatMessage, NotFoundError, RequestError, SamplingDefaults, Session
+from edge_llm.types import (
+    ChatMessage,
+    NotFoundError,
+    RequestError,
+    SamplingDefaults,
+    Session,
+    StorageFullError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +90,17 @@ def usable_state_directory(configured: str) -> Path:
 
 
 class SessionStore:
-    def __init__(self, path: Path, max_sessions: int, idle_expiry_seconds: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_sessions: int,
+        idle_expiry_seconds: float,
+        make_room: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """`make_room` frees disk space when it is full (the spilled KV caches); the bytes."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._make_room = make_room
         self.max_sessions = max_sessions
         self.idle_expiry_seconds = idle_expiry_seconds
         self._lock = threading.Lock()
@@ -165,7 +180,30 @@ class SessionStore:
     def commit_turn(
         self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int = 0
     ) -> None:
-        """Store a finished turn, after dropping the `drop` oldest messages: all or nothing."""
+        """Store a finished turn, after dropping the `drop` oldest messages: all or nothing.
+        On a full disk, make_room() first (caches are worth less than a turn), then again."""
+        try:
+            self._commit_turn(session_id, user, answer, drop)
+            return
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e):  # SQLITE_FULL: "database or disk is full"
+                raise
+        if freed := self._make_room():
+            log.warning("the disk is full: %.1f MiB of saved KV caches deleted to store a turn",
+                        freed / 2**20)  # fmt: skip
+            try:
+                self._commit_turn(session_id, user, answer, drop)
+                return
+            except sqlite3.OperationalError as e:
+                if "full" not in str(e):
+                    raise
+        raise StorageFullError(
+            f"the disk holding the sessions ({self.path.parent}) is full: this turn was not "
+            "kept; free some space there, or delete old sessions"
+        )
+
+    def _commit_turn(self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
+                     ) -> None:  # fmt: skip
         with self._lock, self._transaction():
             now = self._now()
             exists = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,))

@@ -151,6 +151,10 @@ class QueueFullError(Exception):
     """The admission queue is full; the caller should retry later."""
 
 
+class StorageFullError(Exception):
+    """The disk holding the sessions is full (RESOURCE_EXHAUSTED): a turn could not be kept."""
+
+
 class NotReadyError(Exception):
     """The model is still loading, or the server is shutting down."""
 

@@ -97,7 +97,7 @@ class FakeEngine:
 
 def test_saved_caches_spill_to_disk_come_back_and_are_forgotten(tmp_path: Path) -> None:
     engine = FakeEngine()
-    kv = KVStates(engine, tmp_path / "kv", memory_budget=150)
+    kv = KVStates(engine, tmp_path / "kv", memory_budget=150, disk_budget=10_000)
     for session, tokens in (("a", [1, 2]), ("b", [3]), ("c", [4])):
         kv.activate(session)
         engine.tokens = tokens
@@ -137,3 +137,52 @@ def test_idle_sessions_go_while_the_server_is_used(tmp_path: Path, monkeypatch) 
     conv.release(conv.claim(fresh.id))  # a turn starting checks for idle sessions
     assert forgotten == [idle.id]
     conv.release(answering)
+
+
+def test_spilled_caches_stay_within_the_disk_budget(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    kv = KVStates(engine, tmp_path / "kv", memory_budget=0, disk_budget=250)  # 2 files of 116
+    for i, session_id in enumerate("abcd"):
+        kv.activate(session_id)
+        engine.tokens = [i]
+    kv.activate(None)  # d's cache goes to disk too; a and b made room for c and d
+    assert sorted(p.stem for p in (tmp_path / "kv").glob("*.kv")) == ["c", "d"]
+    assert kv.disk_bytes == 2 * 116
+    kv.activate("a")  # its cache was deleted: its history is processed instead
+    assert engine.loaded == []
+    kv.activate("c")  # c back from disk (its file gone); a's cache, just saved, goes there
+    assert engine.loaded == [[2]]
+    assert sorted(p.stem for p in (tmp_path / "kv").glob("*.kv")) == ["a", "d"]
+    assert kv.free_disk() == 2 * 116
+    assert list((tmp_path / "kv").glob("*.kv")) == [] and kv.disk_bytes == 0
+    for n in range(3000):
+        kv.forget(f"gone-{n}")
+    assert len(kv._forgotten) <= 1024  # bounded
+
+
+def test_a_full_disk_gives_up_the_caches_not_the_turn(tmp_path: Path) -> None:
+    """SQLITE_FULL (here from max_page_count; on a board, a full SD card): the saved KV caches
+    are deleted and the turn stored; if nothing can be freed, a clear error, not INTERNAL."""
+    from edge_llm.types import StorageFullError
+
+    freed: list[int] = []
+
+    def make_room() -> int:
+        freed.append(1)
+        store._db.execute("PRAGMA max_page_count = 1000000")  # the space the caches held
+        return 5 * 2**20
+
+    store = SessionStore(tmp_path / "s.sqlite3", 10, 0, make_room=make_room)
+    session, _ = store.create("", SamplingDefaults())
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    long = ChatMessage("assistant", "word " * 20_000)
+    store.commit_turn(session.id, ChatMessage("user", "hi"), long)
+    assert freed == [1] and store.get(session.id).messages[-1] == long
+
+    stuck = SessionStore(tmp_path / "t.sqlite3", 10, 0)  # nothing to free
+    other, _ = stuck.create("", SamplingDefaults())
+    (pages,) = stuck._db.execute("PRAGMA page_count").fetchone()
+    stuck._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StorageFullError, match="is full: this turn was not kept"):
+        stuck.commit_turn(other.id, ChatMessage("user", "hi"), long)
