@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,17 +17,23 @@ from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="session", autouse=True)
-def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The CPU variant verdicts of this run go to a cache of its own (the developer's stay
-    untouched, and the self-test really runs); models are still read from the real cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    saved = {
-        k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "EDGE_LLM_MODELS_DIR", "CACHE_DIRECTORY")
-    }
+def own_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Nothing outside pytest's own temporary directory (which it prunes, keeping the last
+    three runs) is written: temporary files of the tests and their servers, state, the CPU
+    variant verdicts (so the self-test really runs); models are read from the real cache."""
+    base = tmp_path_factory.mktemp("run")
+    names = ("XDG_CACHE_HOME", "XDG_STATE_HOME", "EDGE_LLM_MODELS_DIR", "CACHE_DIRECTORY",
+             "STATE_DIRECTORY", "EDGE_LLM_STATE_DIR", "TMPDIR")  # fmt: skip
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["EDGE_LLM_MODELS_DIR"] = str(models.models_dir())
-    os.environ["XDG_CACHE_HOME"] = str(cache)
-    os.environ.pop("CACHE_DIRECTORY", None)  # systemd's, which would win
-    yield cache
+    for name in ("XDG_CACHE_HOME", "XDG_STATE_HOME", "TMPDIR"):
+        (base / name).mkdir()
+        os.environ[name] = str(base / name)
+    for name in ("CACHE_DIRECTORY", "STATE_DIRECTORY", "EDGE_LLM_STATE_DIR"):  # would win
+        os.environ.pop(name, None)
+    tempfile.tempdir = str(base / "TMPDIR")
+    yield base
+    tempfile.tempdir = None
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

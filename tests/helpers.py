@@ -48,16 +48,36 @@ class ServeProcess:
         self.lines: list[str] = []
         self._port: int | None = None
         self._listening = threading.Event()
+        self._logged = threading.Condition()
+        self._ended = False
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.lines.append(line)
+            with self._logged:
+                self.lines.append(line)
+                self._logged.notify_all()
             if "listening on" in line and self._port is None:
                 self._port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
                 self._listening.set()
         self._listening.set()
+        with self._logged:
+            self._ended = True
+            self._logged.notify_all()
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> str:
+        """The first log line containing `text`, once it is there."""
+
+        def found() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._logged:
+            self._logged.wait_for(lambda: found() is not None or self._ended, timeout)
+            line = found()
+        if line is None:
+            raise AssertionError(f"no log line with {text!r}; the log:\n{self.log}")
+        return line
 
     @property
     def port(self) -> int:

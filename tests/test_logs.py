@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +54,7 @@ class JournalSocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.records: list[dict[str, str]] = []
         self.raw: list[bytes] = []
+        self._arrived = threading.Condition()
         threading.Thread(target=self._receive, daemon=True).start()
 
     def _receive(self) -> None:
@@ -63,17 +63,19 @@ class JournalSocket:
                 data = self.sock.recv(1 << 20)
             except OSError:
                 return
-            self.raw.append(data)
-            self.records.append(parse_native(data))
+            with self._arrived:
+                self.raw.append(data)
+                self.records.append(parse_native(data))
+                self._arrived.notify_all()
 
     def wait_for(self, text: str, timeout: float = 60) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in list(self.records):
-                if text in record.get("MESSAGE", ""):
-                    return record
-            time.sleep(0.05)
-        raise AssertionError(f"no journal record with {text!r}: {self.records}")
+        def found() -> dict[str, str] | None:
+            return next((r for r in self.records if text in r.get("MESSAGE", "")), None)
+
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no journal record with {text!r}: {self.records}")
+            return found()  # type: ignore[return-value]
 
     def close(self) -> None:
         self.sock.close()
@@ -148,12 +150,9 @@ def test_stderr_lines_without_systemd_and_no_prompt_text(tiny_model: Path) -> No
     try:
         server.wait_until_serving()
         generate(server.port)
-        deadline = time.monotonic() + 60
-        while "+ 6 completion tokens" not in server.log and time.monotonic() < deadline:
-            time.sleep(0.05)
+        line = server.wait_for_log("+ 6 completion tokens")
     finally:
         server.proc.terminate()
         assert server.wait(30) == 0
-    line = next(x for x in server.lines if "+ 6 completion tokens" in x)
     assert " INFO edge_llm.admission: request " in line and "finished: length" in line
     assert SECRET not in server.log
