@@ -249,11 +249,16 @@ class Server:
                 "grace period; send the request again (to another server, or once it is back)",
                 timeout=_FLUSH_SECONDS,
             )
-            self.service.wait_for_streams(_FLUSH_SECONDS)
+            self.service.wait_for_calls(_FLUSH_SECONDS)  # cut-off streams' last messages
         if self._grpc is not None:
             self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
         if self._loading:  # the loader thread is using the model: the exit frees it
             log.info("stopped during the model load")
+            return
+        # stop() cancels calls without waiting for their handlers to leave the model (a large
+        # Tokenize) or the store (a commit): free them only once none is inside.
+        if not self.service.wait_for_calls(_FLUSH_SECONDS):
+            log.error("calls are still running; exiting without freeing the model")
             return
         if self.service.loaded is not None:
             self.service.loaded.conversations.store.close()

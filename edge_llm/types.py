@@ -155,6 +155,10 @@ class StorageFullError(Exception):
     """The disk holding the sessions is full (RESOURCE_EXHAUSTED): a turn could not be kept."""
 
 
+class TurnNotKeptError(Exception):
+    """A session's answer was cancelled as it finished: not stored (ABORTED)."""
+
+
 class NotReadyError(Exception):
     """The model is still loading, or the server is shutting down."""
 

@@ -459,9 +459,27 @@ def test_a_slow_commit_does_not_freeze_other_calls(tiny_model: Path) -> None:
 
             store.commit_turn = slow_commit  # type: ignore[method-assign]
             a, b = new_session(stub), new_session(stub)
+            # a runs first; its turn is stored only once b has its claim (a claim needs the
+            # lock the commit holds) and waits in the queue.
+            submitted = {a: threading.Event(), b: threading.Event()}
+            b_submitted = submitted[b]
+            submit, finish = loaded.scheduler.submit, loaded.conversations.finish
+
+            def watch_submit(job: Job) -> None:
+                submit(job)
+                submitted[job.request.session_id or ""].set()
+
+            def finish_after_b(turn, *args):  # type: ignore[no-untyped-def]
+                if turn.claim.session.id == a:
+                    b_submitted.wait(60)
+                return finish(turn, *args)
+
+            loaded.scheduler.submit = watch_submit  # type: ignore[method-assign]
+            loaded.conversations.finish = finish_after_b  # type: ignore[method-assign]
             answered: list[str] = []
             first = threading.Thread(target=lambda: answered.append(say(stub, a, "Hi")[0]))
             first.start()
+            assert submitted[a].wait(60)
             request = pb.GenerateRequest(session_id=b, max_tokens=500, ignore_eos=True)
             request.messages.add(role="user", content="Tell me a long story.")
             second = stub.Generate(request, timeout=60)

@@ -275,3 +275,42 @@ def test_a_stop_just_before_the_warm_up_is_an_ordinary_stop(tiny_model, monkeypa
     server.start()
     server_module._load_or_stop(server, stopping)
     assert server.load_error is None
+
+
+def _stop_under_tokenize_load(model: Path, request: pb.TokenizeRequest) -> tuple[int, str]:
+    """SIGTERM to a server that 8 clients keep busy with Tokenize; its exit status and log."""
+    server = ServeProcess(model, "--drain-seconds", "0")
+    answered, stop = threading.Event(), threading.Event()
+
+    def tokenize() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.EdgeLLMStub(ch)
+            while not stop.is_set():
+                try:
+                    stub.Tokenize(request, timeout=30)
+                except grpc.RpcError:
+                    return  # refused or cut off by the stop: expected
+                answered.set()
+
+    callers = [threading.Thread(target=tokenize) for _ in range(8)]
+    try:
+        server.wait_until_serving()
+        for t in callers:
+            t.start()
+        assert answered.wait(60)  # from now on, calls are always in flight
+        server.proc.send_signal(signal.SIGTERM)
+        return server.wait(60), server.log
+    finally:
+        stop.set()
+        for t in callers:
+            t.join(60)
+        server.kill()
+
+
+def test_sigterm_while_large_tokenize_calls_run_exits_cleanly(tiny_model: Path) -> None:
+    """The model must not be freed while a call is still inside it (it segfaulted at exit)."""
+    text = "The quick brown fox jumps over the lazy dog. " * 1400  # 63 KiB
+    request = pb.TokenizeRequest(messages=[pb.Message(role="user", content=text)] * 15)
+    for attempt in range(20):
+        code, log = _stop_under_tokenize_load(tiny_model, request)
+        assert code == 0, f"attempt {attempt + 1}: exit {code}; its log:\n{log}"
