@@ -11,6 +11,7 @@ for a while is wedged, and the systemd watchdog stops vouching for it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -77,6 +78,36 @@ class Job:
                 return
 
 
+class Gate:
+    """At most `size` callers inside at once and `waiting` more in line for a turn; one more is
+    refused at once: work nobody can start soon is not accepted (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, size: int, waiting: int, what: str) -> None:
+        self._size, self._max_waiting, self._what = size, waiting, what
+        self._inside = self._waiting = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        with self._cond:
+            if self._inside >= self._size and self._waiting >= self._max_waiting:
+                raise QueueFullError(
+                    f"{self._inside} {self._what} running and {self._waiting} waiting; retry later"
+                )
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: self._inside < self._size)
+            finally:
+                self._waiting -= 1
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify()
+
+
 class Scheduler:
     def __init__(self, engine: EngineLike, queue_depth: int, kv: KVStates | None = None) -> None:
         self._engine = engine
@@ -95,14 +126,22 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
+    def check_room(self) -> None:
+        """Refuse now what submit() would refuse, before any work is spent on the request."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if not self._accepting:
+            raise NotReadyError("the server is shutting down; retry on another instance")
+        if len(self._waiting) >= self.queue_depth:
+            raise QueueFullError(
+                f"the queue is full ({self.queue_depth} requests waiting); retry later"
+            )
+
     def submit(self, job: Job) -> None:
         with self._cond:
-            if not self._accepting:
-                raise NotReadyError("the server is shutting down; retry on another instance")
-            if len(self._waiting) >= self.queue_depth:
-                raise QueueFullError(
-                    f"the queue is full ({self.queue_depth} requests waiting); retry later"
-                )
+            self._check_room()
             if job.cancelled.is_set():  # the call ended before it got here
                 job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
                 return

@@ -24,10 +24,11 @@ from concurrent import futures
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from edge_llm import backend, hardware, memory, models, sessions
 from edge_llm.admission import EngineLike, Job, Scheduler
@@ -36,7 +37,7 @@ from edge_llm.conversations import Conversations
 from edge_llm.convert import Limits
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.kvstates import KVStates
-from edge_llm.service import EdgeLLMService, Loaded
+from edge_llm.service import TOKENIZERS, EdgeLLMService, Loaded
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, GenerationStats, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
@@ -45,7 +46,10 @@ from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeLLM"].full_name  # "edge_llm.v1.EdgeLLM"
-_SPARE_HANDLER_THREADS = 8  # health checks, GetInfo, and refusing calls beyond the queue
+_SPARE_HANDLER_THREADS = 8  # GetInfo, sessions, and refusing calls beyond the bounds
+_REFLECTION_STREAMS = 4  # each holds a handler thread while it is open, idle or not
+# Health checks have threads of their own: no other call can keep a probe waiting.
+_HEALTH_THREADS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
 _FLUSH_SECONDS = 3.0  # for cut-off streams to send their last message
 _FAULT_ENV = "EDGE_LLM_TEST_FAULT"  # test-only: "wedge-worker" hangs the worker after warm-up
 
@@ -64,7 +68,7 @@ class Server:
             queue_depth=config.queue_depth,
         )
         self.service = EdgeLLMService(self.limits, config.log_prompts)
-        self.health = health.HealthServicer()
+        self.health = _Health()
         self.port = 0
         self._grpc: grpc.Server | None = None
         self._scheduler: Scheduler | None = None
@@ -77,18 +81,21 @@ class Server:
 
     def start(self) -> int:
         """Open the port with health NOT_SERVING; return the port (config.port 0 picks one)."""
-        # One handler thread per streaming call: enough for a full queue, the running request
-        # and some spare for health checks; calls beyond that are refused, not left hanging.
-        workers = self.config.queue_depth + 1 + _SPARE_HANDLER_THREADS
+        # A handler thread per call that waits: every Generate the queue holds (and the
+        # running one), every tokenization running or in line, every reflection stream, and
+        # some spare. Each of these is bounded, and refused beyond its bound; a call that
+        # finds every thread busy waits its turn. Health checks run on threads of their own.
+        queue = self.config.queue_depth
+        workers = (queue + 1) + (TOKENIZERS + queue) + _REFLECTION_STREAMS + _SPARE_HANDLER_THREADS
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", self.limits.max_request_bytes)],
         )
         pb_grpc.add_EdgeLLMServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            _Reflection(names, _REFLECTION_STREAMS), server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(self.config.address)
@@ -342,6 +349,39 @@ def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
     scheduler.submit(job)
     for _ in job.chunks():
         pass
+
+
+class _Health(health.HealthServicer):
+    """The standard health service, its Check on threads no other call can take."""
+
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        return super().Check(request, context)
+
+    Check.experimental_thread_pool = _HEALTH_THREADS  # type: ignore[attr-defined]
+
+
+class _Reflection(reflection.ReflectionServicer):
+    """Server reflection (grpcurl's list and describe), a few streams at once: an open
+    stream holds a handler thread even while idle, and idle ones must not take them all."""
+
+    def __init__(self, service_names: tuple[str, ...], streams: int) -> None:
+        super().__init__(service_names)
+        self._streams = streams
+        self._open = threading.BoundedSemaphore(streams)
+
+    def ServerReflectionInfo(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        if not self._open.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self._streams} reflection streams are open, the most there may be; "
+                          "close one and retry")  # fmt: skip
+        try:
+            yield from super().ServerReflectionInfo(request_iterator, context)
+        finally:
+            self._open.release()
 
 
 class _Wedge:

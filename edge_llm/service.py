@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from edge_llm import convert
-from edge_llm.admission import Job, Scheduler
+from edge_llm.admission import Gate, Job, Scheduler
 from edge_llm.conversations import Conversations, Turn
 from edge_llm.memory import MemoryPlan
 from edge_llm.types import (
@@ -132,6 +132,9 @@ class Loaded:
     conversations: Conversations
 
 
+TOKENIZERS = 2  # tokenizations at once: each is a core's worth of work the model wants too
+
+
 class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     def __init__(self, limits: convert.Limits, log_prompts: bool = False) -> None:
         self.limits = limits
@@ -139,6 +142,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self.loaded: Loaded | None = None
         self.draining = False  # the server is stopping: new calls are refused
         self._calls = _Calls()
+        # Rendering and tokenizing a prompt (Generate) or a text (Tokenize), up to 1 MiB.
+        self.tokenizing = Gate(TOKENIZERS, limits.queue_depth, "tokenizations")
 
     @_rpc
     def Generate(
@@ -146,9 +151,11 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     ) -> Iterator[pb.GenerateResponse]:
         received_at = time.monotonic()
         loaded = self._loaded()
+        loaded.scheduler.check_room()  # a full queue refuses before any work is done
         if not request.session_id:
             req = convert.generate_request_from_pb(request, self.limits)
-            prompt = loaded.engine.prompt_tokens(req)
+            with self.tokenizing.enter():
+                prompt = loaded.engine.prompt_tokens(req)
             yield from self._stream(context, loaded, req, prompt, received_at)
             return
         # In a session: its history goes before the new message, and the turn is stored.
@@ -156,7 +163,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         claim = conversations.claim(convert.session_id(request.session_id))  # busy, then read
         try:
             req = convert.generate_request_from_pb(request, self.limits, claim.session.defaults)
-            turn = conversations.fit(claim, req)
+            with self.tokenizing.enter():
+                turn = conversations.fit(claim, req)
             yield from self._stream(context, loaded, turn.request, turn.prompt, received_at, turn)
         finally:
             conversations.release(claim)
@@ -239,7 +247,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.TokenizeRequest, context: grpc.ServicerContext
     ) -> pb.TokenizeResponse:
         text, messages = convert.tokenize_request_from_pb(request, self.limits)
-        tokens = self._loaded().engine.tokenize(text, messages)
+        engine = self._loaded().engine
+        with self.tokenizing.enter():
+            tokens = engine.tokenize(text, messages)
         return pb.TokenizeResponse(tokens=tokens, count=len(tokens))
 
     @_rpc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
+from edge_llm.admission import Job, Scheduler
 from edge_llm.config import Config
 from edge_llm.server import Server
 
@@ -181,3 +183,17 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self.mono
+
+
+def submissions(scheduler: Scheduler, count: int) -> threading.Event:
+    """An event set once `count` more jobs have entered `scheduler` (running or queued)."""
+    reached, submitted = threading.Event(), itertools.count(1)
+    submit = scheduler.submit
+
+    def counting(job: Job) -> None:
+        submit(job)
+        if next(submitted) >= count:
+            reached.set()
+
+    scheduler.submit = counting  # type: ignore[method-assign]
+    return reached

@@ -177,3 +177,36 @@ def test_close_does_not_cancel_a_job_whose_last_chunk_is_out(engine_and_schedule
         logger.setLevel(level)
     assert not j.cancelled.is_set()
     assert [c.finish_reason for c in j.chunks()] == [None, FinishReason.LENGTH]
+
+
+def test_a_gate_lets_some_in_some_wait_and_refuses_the_rest() -> None:
+    from edge_llm.admission import Gate
+
+    gate = Gate(size=1, waiting=1, what="tokenizations")
+    inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with gate.enter():
+            inside.set()
+            release.wait(30)
+
+    def wait_then_enter() -> None:
+        with gate.enter():
+            second_in.set()
+
+    first = threading.Thread(target=hold)
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=wait_then_enter)
+    second.start()
+    with gate._cond:  # the second is in line
+        assert gate._cond.wait_for(lambda: gate._waiting == 1, 30)
+    with pytest.raises(QueueFullError, match="1 tokenizations running and 1 waiting"):
+        gate.enter().__enter__()
+    assert not second_in.is_set()
+    release.set()
+    assert second_in.wait(30)
+    first.join(30)
+    second.join(30)
+    with gate.enter():  # free again
+        pass

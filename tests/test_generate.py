@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import llama_cpp
 import pytest
-from helpers import start_server
+from helpers import start_server, submissions
 
 from edge_llm import backend
 from edge_llm.server import Server
@@ -205,6 +205,30 @@ def test_full_queue_fails_fast_and_queued_cancel_never_runs(small_queue_server) 
     ran = [j.request.prompt for j in scheduler.recent]
     assert "B " + PROMPT not in ran
     assert ran[-1] == "D"
+
+
+def test_a_full_queue_refuses_before_any_tokenizing(small_queue_server, monkeypatch) -> None:
+    """A refused request costs no rendering or tokenizing (up to 1 MiB of it)."""
+    loaded = small_queue_server.service.loaded
+    tokenized: list[str | None] = []
+    prompt_tokens = loaded.engine.prompt_tokens
+    monkeypatch.setattr(loaded.engine, "prompt_tokens",
+                        lambda req: tokenized.append(req.prompt) or prompt_tokens(req))  # fmt: skip
+    with grpc.insecure_channel(f"127.0.0.1:{small_queue_server.port}") as ch:
+        stub = pb_grpc.EdgeLLMStub(ch)
+        long = pb.GenerateRequest(prompt="Busy", max_tokens=900, ignore_eos=True)
+        calls = [stub.Generate(long)]
+        next(calls[0])  # running
+        full = submissions(loaded.scheduler, 1)
+        calls.append(stub.Generate(long))  # queued
+        assert full.wait(30)
+        big = "word " * 13000
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt=big, max_tokens=5), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in calls:
+            call.cancel()
+    assert tokenized == ["Busy", "Busy"]
 
 
 def _ignore_errors(call):

@@ -124,3 +124,57 @@ def _json_objects(text: str) -> list[str]:
             if depth == 0:
                 objects.append(text[start : i + 1])
     return objects
+
+
+def test_health_answers_whatever_else_holds_the_server(tiny_model: Path) -> None:
+    """Idle reflection streams and a full queue hold every handler thread they may (they used
+    to take all, and a liveness probe's Check failed); health answers all the same."""
+    import threading
+
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+    from helpers import start_server, submissions
+
+    server = start_server(tiny_model, queue_depth=2)
+    idle = threading.Event()
+
+    def nothing_to_ask():  # an open reflection stream that sends nothing
+        idle.wait(60)
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+            ended = threading.Condition()
+            streams = [reflect.ServerReflectionInfo(nothing_to_ask()) for _ in range(30)]
+
+            def count(_call: object) -> None:
+                with ended:
+                    ended.notify_all()
+
+            for stream in streams:
+                stream.add_done_callback(count)
+            with ended:  # the streams beyond the bound are refused at once
+                assert ended.wait_for(lambda: sum(s.done() for s in streams) == 26, 30)
+            refused = [s for s in streams if s.done()]
+            assert {s.code() for s in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert "reflection streams are open" in refused[0].details()
+
+            stub = pb_grpc.EdgeLLMStub(ch)
+            long = pb.GenerateRequest(prompt="Busy", max_tokens=900, ignore_eos=True)
+            calls = [stub.Generate(long)]
+            next(calls[0])  # running
+            full = submissions(server.service.loaded.scheduler, 2)
+            calls += [stub.Generate(long) for _ in range(2)]  # queued
+            assert full.wait(30)
+            with pytest.raises(grpc.RpcError) as err:  # the queue is full
+                list(stub.Generate(pb.GenerateRequest(prompt="one more"), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+            assert stub.GetInfo(pb.GetInfoRequest(), timeout=5).model.name  # spare threads
+            for call in [*calls, *streams]:
+                call.cancel()
+    finally:
+        idle.set()
+        server.stop(drain=0)
