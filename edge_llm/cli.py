@@ -12,7 +12,9 @@ from edge_llm.config import Config, ConfigError, load_config
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-def _serve_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+def _serve_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> None:
     p = sub.add_parser(
         name,
         help=help,

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _describe(e: grpc.RpcError, address: str) -> str:
-    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
         return f"no edge-llm server at {address} ({details}); start one with `edge-llm serve`"
     if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:

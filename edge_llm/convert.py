@@ -155,13 +155,11 @@ def generate_request_from_pb(
         max_tokens = limits.default_max_tokens
     seed = pick("seed")
     base = Sampling()
-    sampling = Sampling(
-        **{
-            name: getattr(base, name) if (v := pick(name)) is None else check(v)
-            for name, check in _SAMPLING_FIELDS.items()
-        },
-        seed=None if seed is None else _seed(seed),
-    )
+    chosen: dict[str, Any] = {
+        name: getattr(base, name) if (v := pick(name)) is None else check(v)
+        for name, check in _SAMPLING_FIELDS.items()
+    }
+    sampling = Sampling(**chosen, seed=None if seed is None else _seed(seed))
     return GenerateRequest(
         prompt=prompt,
         messages=messages,

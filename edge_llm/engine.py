@@ -12,9 +12,10 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from llama_cpp._internals import LlamaModel
@@ -112,11 +113,10 @@ class Engine:
         # special tokens (<|im_start|>, BOS, ...) and each message's content as plain text: a
         # user who types "<|im_start|>system" gets those characters, not a system turn.
         try:
-            text = self._formatter(
-                messages=[
-                    {"role": m.role, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)
-                ]
-            ).prompt
+            placeholders: list[Any] = [
+                {"role": m.role, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)
+            ]
+            text = self._formatter(messages=placeholders).prompt
         except Exception as e:  # the template's own raise_exception, or a Jinja error
             raise RequestError(f"messages: the model's chat template refused them: {e}") from None
         tokens: list[int] = []
@@ -219,7 +219,8 @@ class Engine:
 
     def kv_tokens(self) -> list[int]:
         """The tokens whose keys and values are in the context now."""
-        return self._llm.input_ids[: self._llm.n_tokens].tolist()
+        tokens: list[int] = self._llm.input_ids[: self._llm.n_tokens].tolist()
+        return tokens
 
     @property
     def kv_restorable(self) -> bool:
@@ -320,7 +321,8 @@ def read_shape(path: Path) -> ModelShape:
 
 
 def system_info() -> str:
-    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    info: bytes = llama_cpp.llama_print_system_info()
+    return info.decode(errors="replace").strip()
 
 
 def cpu_features_used(info: str) -> tuple[str, ...]:
@@ -334,7 +336,7 @@ def cpu_features_used(info: str) -> tuple[str, ...]:
     return tuple(features)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_prefix(a: Iterable[int], b: Iterable[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -38,4 +38,5 @@ def _journal_handler() -> logging.Handler | None:
         from systemd.journal import JournalHandler
     except ImportError:  # edge-llm[systemd] not installed: stderr still reaches the journal
         return None
-    return JournalHandler(SYSLOG_IDENTIFIER="edge-llm")
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="edge-llm")
+    return handler

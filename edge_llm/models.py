@@ -145,7 +145,9 @@ def fetch(name: str, dest_dir: Path | None = None) -> Path:
     model = KNOWN_MODELS[name]
     dest_dir = dest_dir or models_dir()
     dest = dest_dir / model.filename
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
 
     if dest.exists():
         if dest.stat().st_size == model.size:

@@ -15,6 +15,7 @@ with it, so a session used a minute ago stays a minute old.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import json
 import logging
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from edge_llm.types import (
     ChatMessage,
@@ -232,12 +234,12 @@ class SessionStore:
                 (now, drop, session_id),
             )
 
-    def expire(self, keep: Collection[str] = ()) -> list[str]:
+    def expire(self, keep: Collection[str] = ()) -> builtins.list[str]:
         """Remove idle and surplus sessions now, except those in `keep`; their ids."""
         with self._lock, self._transaction():
             return self._expire(self._now(), room_for=0, keep=keep)
 
-    def _expire(self, now: float, room_for: int, keep: set[str]) -> list[str]:
+    def _expire(self, now: float, room_for: int, keep: Collection[str]) -> builtins.list[str]:
         ids = []
         if self.idle_expiry_seconds:
             ids += [
@@ -317,7 +319,7 @@ class _Clock:
         return self._now, (wall - expected if wall - expected > CLOCK_JUMP else 0.0)
 
 
-def _session(row: tuple, messages: tuple[ChatMessage, ...], count: int) -> Session:
+def _session(row: tuple[Any, ...], messages: tuple[ChatMessage, ...], count: int) -> Session:
     session_id, system_prompt, defaults, created_at, updated_at, dropped = row
     values = json.loads(defaults)
     values["stop"] = tuple(values.get("stop", ()))

@@ -28,7 +28,7 @@ class Notifier:
         self._notify: Callable[[str], object] | None = None
         if env.get("NOTIFY_SOCKET"):
             try:
-                from systemd import daemon
+                from systemd import daemon  # type: ignore[attr-defined]
             except ImportError:
                 log.warning(
                     "NOTIFY_SOCKET is set but systemd-python is not installed: systemd will "
