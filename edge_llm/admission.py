@@ -269,9 +269,15 @@ def _log_finished(job: Job, reason: FinishReason, t: Timings) -> None:
     log.info(
         "request %d finished: %s, %d prompt tokens (%d reused) + %d completion tokens; queue "
         "%.0f ms, first token %.0f ms, %.1f tokens/s, total %.0f ms",
-        job.id, reason.value, stats.prompt_tokens, stats.prompt_tokens_reused,
-        stats.completion_tokens, t.queue_ms, t.time_to_first_token_ms,
-        t.decode_tokens_per_second, t.total_ms,
+        job.id,
+        reason.value,
+        stats.prompt_tokens,
+        stats.prompt_tokens_reused,
+        stats.completion_tokens,
+        t.queue_ms,
+        t.time_to_first_token_ms,
+        t.decode_tokens_per_second,
+        t.total_ms,
         extra={
             "REQUEST_ID": job.id,
             "PEER": job.peer,
@@ -284,7 +290,7 @@ def _log_finished(job: Job, reason: FinishReason, t: Timings) -> None:
             "DECODE_TOKENS_PER_SECOND": round(t.decode_tokens_per_second, 1),
             "TOTAL_MS": round(t.total_ms),
         },
-    )  # fmt: skip
+    )
 
 
 def _usage(stats: GenerationStats) -> Usage:

@@ -88,8 +88,10 @@ def load(variant: str = "auto", model: Path | None = None) -> CpuBackend:
     found = variants()
     if not found:
         if variant not in ("auto", "native"):
-            raise BackendError(f"this llama.cpp build has no CPU variants to choose from; "
-                               f"{variant!r} cannot be loaded (run scripts/bootstrap)")  # fmt: skip
+            raise BackendError(
+                f"this llama.cpp build has no CPU variants to choose from; "
+                f"{variant!r} cannot be loaded (run scripts/bootstrap)"
+            )
         _loaded = CpuBackend("native", str(lib_dir), {})
         return _loaded
     chosen = _choose(lib_dir, found, variant, model)
@@ -139,8 +141,14 @@ def _choose(lib_dir: Path, found: dict[str, Path], variant: str, model: Path | N
             raise BackendError(f"no CPU variant passed its self-test on this CPU ({causes})")
     finally:
         test.finish()
-    return CpuBackend(chosen, str(found[chosen]), scores, forced=variant != "auto",
-                      rejected=test.rejected, tested=test.how)  # fmt: skip
+    return CpuBackend(
+        chosen,
+        str(found[chosen]),
+        scores,
+        forced=variant != "auto",
+        rejected=test.rejected,
+        tested=test.how,
+    )
 
 
 class _SelfTest:
@@ -151,8 +159,14 @@ class _SelfTest:
     killed keeps what it learnt): a pass compared with the reference, a death by SIGILL and
     the like, wrong numbers; not a timeout or an unexplained exit."""
 
-    def __init__(self, lib_dir: Path, found: dict[str, Path], model: Path | None, reference: str,
-                 verdicts: cpucheck.Verdicts) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lib_dir: Path,
+        found: dict[str, Path],
+        model: Path | None,
+        reference: str,
+        verdicts: cpucheck.Verdicts,
+    ) -> None:
         self._lib_dir, self._found, self._model = lib_dir, found, model
         self._cases: tuple[cpucheck.Case, ...] | None = None
         self._reference_name = reference
@@ -193,9 +207,13 @@ class _SelfTest:
             return outcome.failure, outcome.lasting
         ref = self._reference_result()
         if ref.failure:
-            log.warning("the reference CPU variant %s failed its self-test (%s): %s is only "
-                        "known to run, not to compute right", self._reference_name, ref.failure,
-                        variant)  # fmt: skip
+            log.warning(
+                "the reference CPU variant %s failed its self-test (%s): %s is only "
+                "known to run, not to compute right",
+                self._reference_name,
+                ref.failure,
+                variant,
+            )
             return "", False
         return cpucheck.differs(outcome, ref), True
 
@@ -224,11 +242,17 @@ class _SelfTest:
             self._reference = None
         if not self._ran:
             return
-        log.info("CPU variant self-test: ran %s in %.1f s", ", ".join(self._ran),
-                 time.monotonic() - self._started)  # fmt: skip
+        log.info(
+            "CPU variant self-test: ran %s in %.1f s",
+            ", ".join(self._ran),
+            time.monotonic() - self._started,
+        )
         if self._unsaved or (problem := self._verdicts.save()):
-            log.warning("CPU variant verdicts not remembered (%s): the self-test runs again at "
-                        "the next start", self._unsaved or problem)  # fmt: skip
+            log.warning(
+                "CPU variant verdicts not remembered (%s): the self-test runs again at "
+                "the next start",
+                self._unsaved or problem,
+            )
 
     @property
     def how(self) -> str:

@@ -24,32 +24,60 @@ def _serve_parser(
     )
     p.add_argument("--config", type=Path, help="TOML config file")
     d = Config()
-    p.add_argument("--model", help=f"GGUF path, or a known model: {', '.join(models.KNOWN_MODELS)} "
-                   f"(default: {d.model})")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help=f"GGUF path, or a known model: {', '.join(models.KNOWN_MODELS)} (default: {d.model})",
+    )
     p.add_argument("--host", help=f"address to listen on (default: {d.host})")
     p.add_argument("--port", type=int, help=f"port (default: {d.port}; 0 picks a free one)")
-    p.add_argument("--context-length", type=int, help="tokens per request, prompt + answer "
-                   "(default: 0 = the most the memory plan allows, up to 8192)")  # fmt: skip
+    p.add_argument(
+        "--context-length",
+        type=int,
+        help="tokens per request, prompt + answer "
+        "(default: 0 = the most the memory plan allows, up to 8192)",
+    )
     p.add_argument("--threads", type=int, help="generation threads (default: 0 = usable CPUs)")
     p.add_argument("--threads-batch", type=int, help="prompt threads (default: 0 = usable CPUs)")
-    p.add_argument("--cpu-variant", help="ggml CPU backend variant, e.g. haswell (default: auto, "
-                   "the best this CPU can run; `edge-llm doctor` lists them)")  # fmt: skip
+    p.add_argument(
+        "--cpu-variant",
+        help="ggml CPU backend variant, e.g. haswell (default: auto, "
+        "the best this CPU can run; `edge-llm doctor` lists them)",
+    )
     p.add_argument("--batch-size", type=int, help=f"prompt batch (default: {d.batch_size})")
-    p.add_argument("--queue-depth", type=int, help=f"requests that may wait (default: "
-                   f"{d.queue_depth})")  # fmt: skip
-    p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default: "
-                   f"{d.max_tokens})")  # fmt: skip
-    p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request does not "
-                   f"set it (default: {d.default_max_tokens})")  # fmt: skip
-    p.add_argument("--memory-budget-mb", type=int, help="memory to plan for (default: 0 = the "
-                   "tightest of 2 GiB, the cgroup limit and physical memory)")  # fmt: skip
-    p.add_argument("--drain-seconds", type=int, help="on SIGTERM/SIGINT, how long accepted "
-                   f"requests may take to finish (default: {d.drain_seconds})")  # fmt: skip
-    p.add_argument("--state-dir", help="where sessions are kept (default: $STATE_DIRECTORY, "
-                   "else ~/.local/state/edge-llm)")  # fmt: skip
+    p.add_argument(
+        "--queue-depth", type=int, help=f"requests that may wait (default: {d.queue_depth})"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, help=f"cap on a request's max_tokens (default: {d.max_tokens})"
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        help=f"max_tokens when a request does not set it (default: {d.default_max_tokens})",
+    )
+    p.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        help="memory to plan for (default: 0 = the "
+        "tightest of 2 GiB, the cgroup limit and physical memory)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=int,
+        help="on SIGTERM/SIGINT, how long accepted "
+        f"requests may take to finish (default: {d.drain_seconds})",
+    )
+    p.add_argument(
+        "--state-dir",
+        help="where sessions are kept (default: $STATE_DIRECTORY, else ~/.local/state/edge-llm)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--log-prompts", action="store_true", default=None,
-                   help="put prompt text in the logs (debugging only)")  # fmt: skip
+    p.add_argument(
+        "--log-prompts",
+        action="store_true",
+        default=None,
+        help="put prompt text in the logs (debugging only)",
+    )
     if name == "doctor":
         p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -114,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "sessions" and args.action != "list" and not args.ids:
-            print(f"edge-llm: sessions {args.action} needs at least one session id",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"edge-llm: sessions {args.action} needs at least one session id", file=sys.stderr
+            )
             return 2
         from edge_llm import client
 

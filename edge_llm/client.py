@@ -101,9 +101,11 @@ def _chat(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
         session = stub.CreateSession(
             pb.CreateSessionRequest(system_prompt=args.system or "", defaults=defaults)
         ).session
-    print(f"edge-llm chat: session {session.id} (resume it with --session {session.id}). "
-          "Ctrl-C stops an answer; Ctrl-D (or Ctrl-C at the prompt) quits.",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"edge-llm chat: session {session.id} (resume it with --session {session.id}). "
+        "Ctrl-C stops an answer; Ctrl-D (or Ctrl-C at the prompt) quits.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input("> ")
@@ -135,8 +137,7 @@ def _sessions(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
                     print(json_format.MessageToJson(s, indent=None))
                     continue
                 when = s.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
-                print(f"{s.id}  {when}  {s.message_count:4d} messages  "
-                      f"{s.system_prompt[:40]!r}")  # fmt: skip
+                print(f"{s.id}  {when}  {s.message_count:4d} messages  {s.system_prompt[:40]!r}")
             token = page.next_page_token
             if not token:
                 return 0
@@ -179,7 +180,9 @@ def _info(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
     print(f"backend  {r.cpu_variant} ({r.cpu_variant_reason})")
     for variant, cause in sorted(r.cpu_variants_rejected.items()):
         print(f"rejected {variant}: {cause}")
-    print(f"limits   context {lim.context_length} tokens (model trained on "
-          f"{m.trained_context_length}), max_tokens {lim.max_tokens} (default "
-          f"{lim.default_max_tokens}), queue {lim.queue_depth}")  # fmt: skip
+    print(
+        f"limits   context {lim.context_length} tokens (model trained on "
+        f"{m.trained_context_length}), max_tokens {lim.max_tokens} (default "
+        f"{lim.default_max_tokens}), queue {lim.queue_depth}"
+    )
     return 0

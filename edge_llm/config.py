@@ -65,9 +65,16 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("context_length", "threads", "threads_batch", "memory_budget_mb",
-                     "drain_seconds", "session_idle_hours", "session_cache_mb",
-                     "session_disk_mb"):  # fmt: skip
+        for name in (
+            "context_length",
+            "threads",
+            "threads_batch",
+            "memory_budget_mb",
+            "drain_seconds",
+            "session_idle_hours",
+            "session_cache_mb",
+            "session_disk_mb",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if not 0 < self.default_max_tokens <= self.max_tokens:

@@ -133,8 +133,9 @@ class Conversations:
         polling thread. If a turn is being committed (an fsync, slow on an SD card), the
         release happens on a thread of its own once the commit is done."""
         if not self._lock.acquire(blocking=False):
-            threading.Thread(target=self.release, args=(claim,), name="release-session",
-                             daemon=True).start()  # fmt: skip
+            threading.Thread(
+                target=self.release, args=(claim,), name="release-session", daemon=True
+            ).start()
             return
         try:
             self._free(claim.session.id, claim.token)

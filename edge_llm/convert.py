@@ -174,8 +174,9 @@ def generate_request_from_pb(
 def session_id(value: str, field: str = "session_id") -> str:
     if not re.fullmatch(r"[0-9a-f]{32}", value):
         shown = value if len(value) <= 40 else f"{value[:40]}..."
-        raise RequestError(f"{field} {shown!r} is not a session id (32 hex digits, from "
-                           "CreateSession)")  # fmt: skip
+        raise RequestError(
+            f"{field} {shown!r} is not a session id (32 hex digits, from CreateSession)"
+        )
     return value
 
 

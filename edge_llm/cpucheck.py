@@ -43,8 +43,37 @@ _KEEP = 8  # remembered keys (CPU x build x model types) in the verdict file
 F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 13, 14
 # The weight types ggml_quantize_chunk() can make (any other aborts it): F16, BF16, every
 # quantization a GGUF file holds (not Q8_1 and Q8_K, which only activations use).
-QUANTIZABLE = frozenset({1, 30, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23,
-                         29, 34, 35, 39, 40, 41, 42})  # fmt: skip
+QUANTIZABLE = frozenset(
+    {
+        1,
+        30,
+        2,
+        3,
+        6,
+        7,
+        8,
+        10,
+        11,
+        12,
+        13,
+        14,
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        29,
+        34,
+        35,
+        39,
+        40,
+        41,
+        42,
+    }
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -63,8 +92,11 @@ DEFAULT_CASES = tuple(Case(t, 1024, 128) for t in (F16, Q4_0, Q4_1, Q5_0, Q8_0, 
 
 
 class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
-                ("no_alloc", ctypes.c_bool)]  # fmt: skip
+    _fields_ = [
+        ("mem_size", ctypes.c_size_t),
+        ("mem_buffer", ctypes.c_void_p),
+        ("no_alloc", ctypes.c_bool),
+    ]
 
 
 class _GgufParams(ctypes.Structure):
@@ -74,8 +106,7 @@ class _GgufParams(ctypes.Structure):
 class _TensorHead(ctypes.Structure):
     """The first fields of struct ggml_tensor, unchanged since ggml's start."""
 
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
-                ("ne", ctypes.c_int64 * 4)]  # fmt: skip
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
 
 
 def _ggml(lib_dir: Path) -> ctypes.CDLL:
@@ -160,8 +191,9 @@ class CheckError(Exception):
 
 # Deaths that say the variant's code cannot run on this CPU, every time: remembered. Anything
 # else (a timeout on a busy board, SIGKILL from the OOM killer, an exit) is tried again.
-LASTING_SIGNALS = frozenset({signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE,
-                             signal.SIGABRT})  # fmt: skip
+LASTING_SIGNALS = frozenset(
+    {signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT}
+)
 
 
 @dataclass(frozen=True)
@@ -190,8 +222,9 @@ def scores(lib_dir: Path, variants: Mapping[str, Path]) -> dict[str, int]:
     while left:
         cmd, env = _child("scores", str(lib_dir), *map(str, left.values()))
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                                  check=False)  # fmt: skip
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise CheckError(f"scoring the CPU variants failed: {e}") from None
         by_path = dict(line.split(" ", 1)[::-1] for line in done.stdout.splitlines())
@@ -220,8 +253,14 @@ class Trial:
         self._proc: subprocess.Popen[str] | None = None
         self._error = ""
         try:
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=env, cwd=self._dir.name)  # fmt: skip
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=self._dir.name,
+            )
         except OSError as e:
             self._error = f"could not be started: {e}"
 
@@ -362,8 +401,11 @@ class Verdicts:
     def save(self) -> str:
         """Write them (atomically); "" or why they could not be kept."""
         self._all.pop(self.key, None)
-        self._all[self.key] = {"scores": self.scores, "outcomes": self.outcomes,
-                               "tested": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        self._all[self.key] = {
+            "scores": self.scores,
+            "outcomes": self.outcomes,
+            "tested": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         kept = dict(list(self._all.items())[-_KEEP:])
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
@@ -429,8 +471,15 @@ def _child_run(lib_dir: Path, variant: str, out: str, threads: int, cases: list[
         inputs = {b: rng.standard_normal((b, case.k), dtype=np.float32) for b in BATCHES}
         packed = np.empty(g.ggml_row_size(case.type, case.k) * case.rows, dtype=np.uint8)
         imatrix = np.ones(case.k, dtype=np.float32)  # for types that need one
-        g.ggml_quantize_chunk(case.type, weights.ctypes.data, packed.ctypes.data, 0, case.rows,
-                              case.k, imatrix.ctypes.data)  # fmt: skip
+        g.ggml_quantize_chunk(
+            case.type,
+            weights.ctypes.data,
+            packed.ctypes.data,
+            0,
+            case.rows,
+            case.k,
+            imatrix.ctypes.data,
+        )
         for buft in bufts:
             buft_name = g.ggml_backend_buft_name(buft).decode()
             overhead = g.ggml_tensor_overhead() * (1 + 2 * len(BATCHES)) + g.ggml_graph_overhead()

@@ -54,8 +54,11 @@ def report(config: Config) -> dict[str, Any]:
     else:
         m, s = plan.memory, plan.settings
         # What serve will use: configured values win over the board's.
-        out["threads"] = {"generation": s.threads, "prompt": s.threads_batch,
-                          "why": plan.threads_why}  # fmt: skip
+        out["threads"] = {
+            "generation": s.threads,
+            "prompt": s.threads_batch,
+            "why": plan.threads_why,
+        }
         out["memory"] = {
             "budget_bytes": m.budget,
             "total_bytes": m.total,
@@ -87,8 +90,9 @@ def main(config: Config, as_json: bool) -> int:
     quota = f"{b['cpu_quota']:g} CPUs" if b["cpu_quota"] else "none"
     print(f"board     {b['model']} ({b['arch']})")
     print(f"cpus      usable {b['cpus']}, fast cluster {b['fast_cluster']}, quota {quota}")
-    print(f"memory    available {(b['mem_available_bytes'] or 0) / MIB:.0f} MiB, "
-          f"cgroup limit {limit}")  # fmt: skip
+    print(
+        f"memory    available {(b['mem_available_bytes'] or 0) / MIB:.0f} MiB, cgroup limit {limit}"
+    )
     if t := r.get("threads"):
         print(f"threads   {t['generation']} generation, {t['prompt']} prompt ({t['why']})")
     if c := r.get("cpu_backend"):

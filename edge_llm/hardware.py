@@ -47,16 +47,56 @@ X86_VARIANTS = {
     "skylakex": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f"),
     "cannonlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi"),
     "cascadelake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512_vnni"),
-    "icelake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
-                "avx512_vnni"),
-    "cooperlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512_vnni",
-                   "avx512_bf16"),
-    "zen4": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
-             "avx512_vnni", "avx512_bf16"),
+    "icelake": (
+        "sse4_2",
+        "avx",
+        "f16c",
+        "fma",
+        "avx2",
+        "bmi2",
+        "avx512f",
+        "avx512vbmi",
+        "avx512_vnni",
+    ),
+    "cooperlake": (
+        "sse4_2",
+        "avx",
+        "f16c",
+        "fma",
+        "avx2",
+        "bmi2",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+    ),
+    "zen4": (
+        "sse4_2",
+        "avx",
+        "f16c",
+        "fma",
+        "avx2",
+        "bmi2",
+        "avx512f",
+        "avx512vbmi",
+        "avx512_vnni",
+        "avx512_bf16",
+    ),
     "alderlake": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni"),
-    "sapphirerapids": ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
-                       "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
-}  # fmt: skip
+    "sapphirerapids": (
+        "sse4_2",
+        "avx",
+        "f16c",
+        "fma",
+        "avx2",
+        "bmi2",
+        "avx512f",
+        "avx512vbmi",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+    ),
+}
 ARM_VARIANTS = {
     "armv8.0_1": (),
     "armv8.2_1": ("asimddp",),
@@ -167,8 +207,10 @@ def storage_warning(path: Path, root: Path = LIVE) -> str | None:
         return None
     block = (root / f"sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
     if "mmcblk" in str(block):
-        return (f"{path} is on an SD card ({block.name}): loading is slow and cold pages stall "
-                "generation; keep models on an SSD or eMMC if the board has one")  # fmt: skip
+        return (
+            f"{path} is on an SD card ({block.name}): loading is slow and cold pages stall "
+            "generation; keep models on an SSD or eMMC if the board has one"
+        )
     return None
 
 

@@ -81,8 +81,9 @@ class KVStates:
             self._keep(self.owner, _Saved(self._engine.kv_tokens(), self._engine.save_kv()))
         self.owner = wanted
         if saved is not None and not self._engine.load_kv(saved.tokens, saved.data):
-            log.warning("session %s: its saved KV cache was refused; processing its history",
-                        session_id)  # fmt: skip
+            log.warning(
+                "session %s: its saved KV cache was refused; processing its history", session_id
+            )
 
     def forget(self, session_id: str) -> None:
         """The session is gone: drop its cache wherever it is."""

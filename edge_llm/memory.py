@@ -99,8 +99,13 @@ def budget(
     if mem_limit:
         limits.append(Budget(mem_limit, "the cgroup memory limit"))
     if mem_total:
-        limits.append(Budget(mem_total - OS_HEADROOM, f"physical memory {mem_total / MIB:.0f} "
-                             f"MiB less {OS_HEADROOM / MIB:.0f} MiB for the system"))  # fmt: skip
+        limits.append(
+            Budget(
+                mem_total - OS_HEADROOM,
+                f"physical memory {mem_total / MIB:.0f} "
+                f"MiB less {OS_HEADROOM / MIB:.0f} MiB for the system",
+            )
+        )
     if mem_available:
         limits.append(Budget(mem_available, "the memory available at start-up"))
     return min(limits)
@@ -135,9 +140,18 @@ def plan(
     fixed = shape.weights_bytes + compute + RUNTIME_BYTES + sessions_bytes
     fits = (budget_bytes - fixed) // per_token if budget_bytes > fixed else 0
     context = wanted if fits >= wanted else fits // CONTEXT_STEP * CONTEXT_STEP
-    result = MemoryPlan(budget_bytes, shape.weights_bytes, per_token, context,
-                        requested_context, compute, RUNTIME_BYTES, cache_type,
-                        sessions_bytes, budget_why)  # fmt: skip
+    result = MemoryPlan(
+        budget_bytes,
+        shape.weights_bytes,
+        per_token,
+        context,
+        requested_context,
+        compute,
+        RUNTIME_BYTES,
+        cache_type,
+        sessions_bytes,
+        budget_why,
+    )
     if context < min(MIN_CONTEXT, wanted):
         why = f" ({budget_why})" if budget_why else ""
         raise MemoryPlanError(

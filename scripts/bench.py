@@ -67,8 +67,7 @@ def direct_run(llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> Run:
 
 
 def grpc_run(stub: pb_grpc.EdgeLLMStub, prompt: str, max_tokens: int) -> Run:
-    req = pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                             ignore_eos=True)  # fmt: skip
+    req = pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     first = last = 0.0
     n = 0
@@ -83,8 +82,12 @@ def grpc_run(stub: pb_grpc.EdgeLLMStub, prompt: str, max_tokens: int) -> Run:
 
 def client_process(port: int, prompt: str, max_tokens: int) -> Run:
     """One gRPC run from a fresh process; its start-up is outside the timed part."""
-    out = subprocess.run([sys.executable, __file__, "--client", str(port), prompt,
-                          str(max_tokens)], capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--client", str(port), prompt, str(max_tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Run(**json.loads(out.stdout))
 
 
@@ -106,15 +109,27 @@ def main() -> None:
     args = parser.parse_args()
 
     threads = args.threads or hardware.usable_cpus()
-    config = Config(model=args.model, port=0, context_length=2048, threads=threads,
-                    threads_batch=threads, log_level="warning")  # fmt: skip
+    config = Config(
+        model=args.model,
+        port=0,
+        context_length=2048,
+        threads=threads,
+        threads_batch=threads,
+        log_level="warning",
+    )
     path = models.resolve(args.model)
     server = Server(config)
     server.start()
     server.load()
-    direct = llama_cpp.Llama(str(path), n_ctx=config.context_length, n_batch=config.batch_size,
-                             n_ubatch=config.batch_size, n_threads=threads,
-                             n_threads_batch=threads, verbose=False)  # fmt: skip
+    direct = llama_cpp.Llama(
+        str(path),
+        n_ctx=config.context_length,
+        n_batch=config.batch_size,
+        n_ubatch=config.batch_size,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     runs: dict[str, list[Run]] = {"direct": [], "process": [], "inprocess": []}
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.EdgeLLMStub(channel)
@@ -137,27 +152,37 @@ def main() -> None:
 
     prompt_tokens = len(direct.tokenize(prompt_for(0).encode(), add_bos=True, special=True))
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        "unknown CPU",
+    )
     print(f"model {path.name}, {threads} threads, {cpu}")
-    print(f"{args.rounds} rounds, {prompt_tokens} prompt tokens, {args.max_tokens} tokens each "
-          "(greedy); medians")  # fmt: skip
+    print(
+        f"{args.rounds} rounds, {prompt_tokens} prompt tokens, {args.max_tokens} tokens each "
+        "(greedy); medians"
+    )
     print()
     d_ttft, d_tps = med(runs["direct"], "ttft_ms"), med(runs["direct"], "decode_tps")
     print("| | time to first token | decode | vs direct |")
     print("|---|---|---|---|")
     print(f"| llama-cpp-python direct | {d_ttft:.1f} ms | {d_tps:.1f} tokens/s | |")
-    labels = {"process": "edge-llm, gRPC client in its own process",
-              "inprocess": "edge-llm, gRPC client in the server's process"}  # fmt: skip
+    labels = {
+        "process": "edge-llm, gRPC client in its own process",
+        "inprocess": "edge-llm, gRPC client in the server's process",
+    }
     for name, label in labels.items():
         ttft, tps = med(runs[name], "ttft_ms"), med(runs[name], "decode_tps")
-        print(f"| {label} | {ttft:.1f} ms | {tps:.1f} tokens/s | "
-              f"{ttft - d_ttft:+.1f} ms, {100 * tps / d_tps:.1f} % |")  # fmt: skip
+        print(
+            f"| {label} | {ttft:.1f} ms | {tps:.1f} tokens/s | "
+            f"{ttft - d_ttft:+.1f} ms, {100 * tps / d_tps:.1f} % |"
+        )
     ttft, tps = med(runs["process"], "ttft_ms"), med(runs["process"], "decode_tps")
     ok = tps >= 0.95 * d_tps and ttft - d_ttft <= 50
     print()
-    print(f"targets for the own-process client (>= 95 % of the direct decode rate, first token "
-          f"within 50 ms of direct): {'met' if ok else 'NOT met'}")  # fmt: skip
+    print(
+        f"targets for the own-process client (>= 95 % of the direct decode rate, first token "
+        f"within 50 ms of direct): {'met' if ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,20 @@ MIB = 1024**2
 
 
 def measure(model: str, context: int, port: int) -> str:
-    cmd = [sys.executable, "-m", "edge_llm", "serve", "--model", model, "--port", str(port),
-           "--context-length", str(context), "--log-level", "info"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_llm",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--context-length",
+        str(context),
+        "--log-level",
+        "info",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         while "ready" not in (line := proc.stderr.readline()):
@@ -34,18 +46,21 @@ def measure(model: str, context: int, port: int) -> str:
             plan = stub.GetInfo(pb.GetInfoRequest()).memory
             words = " ".join(f"w{i}" for i in range(context // 5))
             prompt = stub.Tokenize(pb.TokenizeRequest(text=words)).count
-            for _ in stub.Generate(pb.GenerateRequest(prompt=words, max_tokens=32,
-                                                      ignore_eos=True)):  # fmt: skip
+            for _ in stub.Generate(
+                pb.GenerateRequest(prompt=words, max_tokens=32, ignore_eos=True)
+            ):
                 pass
         status = Path(f"/proc/{proc.pid}/status").read_text()
     finally:
         proc.terminate()
         proc.wait()
     peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
-    return (f"| {context} | {prompt} | {peak / MIB:.0f} MiB | {plan.total_bytes / MIB:.0f} MiB "
-            f"(weights {plan.weights_bytes / MIB:.0f} + KV {plan.kv_cache_bytes / MIB:.0f} + "
-            f"compute {plan.compute_bytes / MIB:.0f} + runtime {plan.runtime_bytes / MIB:.0f}) | "
-            f"{100 * peak / plan.total_bytes:.0f} % |")  # fmt: skip
+    return (
+        f"| {context} | {prompt} | {peak / MIB:.0f} MiB | {plan.total_bytes / MIB:.0f} MiB "
+        f"(weights {plan.weights_bytes / MIB:.0f} + KV {plan.kv_cache_bytes / MIB:.0f} + "
+        f"compute {plan.compute_bytes / MIB:.0f} + runtime {plan.runtime_bytes / MIB:.0f}) | "
+        f"{100 * peak / plan.total_bytes:.0f} % |"
+    )
 
 
 def main() -> None:

@@ -26,8 +26,10 @@ from edge_llm.server import Server
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
-SYSTEM = ("Terminal {n}. You are the help desk of a bicycle shop's self-service terminal. "
-          "Answer in two or three plain sentences.")  # fmt: skip
+SYSTEM = (
+    "Terminal {n}. You are the help desk of a bicycle shop's self-service terminal. "
+    "Answer in two or three plain sentences."
+)
 QUESTIONS = [
     "My chain jumps between gears when I pedal hard uphill. Why?",
     "How do I check whether the chain is worn?",
@@ -68,8 +70,12 @@ def main() -> None:
     args = parser.parse_args()
     turns = QUESTIONS[: args.turns]
 
-    config = Config(model=str(models.resolve(args.model)), port=0, context_length=4096,
-                    state_dir=tempfile.mkdtemp(prefix="bench-sessions-"))  # fmt: skip
+    config = Config(
+        model=str(models.resolve(args.model)),
+        port=0,
+        context_length=4096,
+        state_dir=tempfile.mkdtemp(prefix="bench-sessions-"),
+    )
     server = Server(config)
     server.start()
     server.load()
@@ -98,8 +104,7 @@ def main() -> None:
                 flush = pb.GenerateRequest(prompt=f"{i} unrelated", max_tokens=1)
                 list(stub.Generate(flush))  # takes the cache: nothing of the history is left
                 history.append(pb.Message(role="user", content=question))
-                request = pb.GenerateRequest(messages=history, max_tokens=MAX_TOKENS,
-                                             temperature=0)  # fmt: skip
+                request = pb.GenerateRequest(messages=history, max_tokens=MAX_TOKENS, temperature=0)
                 off.append(first_token_ms(stub, request)[0])
                 history.append(pb.Message(role="assistant", content=answers[i]))
 
@@ -114,17 +119,22 @@ def main() -> None:
         server.stop(drain=0)
 
     name = models.resolve(args.model).name
-    print(f"model {name}, context 4096, answers of up to {MAX_TOKENS} tokens, greedy; "
-          "time to first token (ms) as the client sees it")  # fmt: skip
+    print(
+        f"model {name}, context 4096, answers of up to {MAX_TOKENS} tokens, greedy; "
+        "time to first token (ms) as the client sees it"
+    )
     print(f"{'turn':>4} {'session':>9} {'reuse off':>10} {'3 alternating (mean)':>22}")
     for i in range(len(turns)):
-        print(f"{i + 1:>4} {reuse[i]:>9.0f} {off[i]:>10.0f} "
-              f"{statistics.mean(alternating[i]):>22.0f}")  # fmt: skip
+        print(
+            f"{i + 1:>4} {reuse[i]:>9.0f} {off[i]:>10.0f} {statistics.mean(alternating[i]):>22.0f}"
+        )
     last = len(turns) - 1
-    print(f"turn {last + 1} / turn 1: session {reuse[last] / reuse[0]:.2f}x, reuse off "
-          f"{off[last] / off[0]:.2f}x, 3 alternating "
-          f"{statistics.mean(alternating[last]) / statistics.mean(alternating[0]):.2f}x; "
-          f"prompt at turn {last + 1}: {prompt_tokens[-1]} tokens")  # fmt: skip
+    print(
+        f"turn {last + 1} / turn 1: session {reuse[last] / reuse[0]:.2f}x, reuse off "
+        f"{off[last] / off[0]:.2f}x, 3 alternating "
+        f"{statistics.mean(alternating[last]) / statistics.mean(alternating[0]):.2f}x; "
+        f"prompt at turn {last + 1}: {prompt_tokens[-1]} tokens"
+    )
 
 
 if __name__ == "__main__":

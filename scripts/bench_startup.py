@@ -36,8 +36,13 @@ def start(model: Path, env: dict[str, str]) -> tuple[float, float | None, str]:
     state = tempfile.mkdtemp(prefix="edge-llm-bench-state-")
     cmd = [sys.executable, "-m", "edge_llm", "serve", "--model", str(model), "--port", "0"]
     began = time.monotonic()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=state,
-                            env={**os.environ, "EDGE_LLM_STATE_DIR": state, **env})  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=state,
+        env={**os.environ, "EDGE_LLM_STATE_DIR": state, **env},
+    )
     lines: list[str] = []
     port: list[int] = []
     listening = threading.Event()
@@ -78,8 +83,11 @@ def main() -> None:
     models.sha256_file(model)  # into the page cache
 
     baseline = Path(tempfile.mkdtemp(prefix="edge-llm-baseline-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "edge_llm"],
-                             capture_output=True, check=True).stdout  # fmt: skip
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", args.baseline, "edge_llm"],
+        capture_output=True,
+        check=True,
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
     remembered = tempfile.mkdtemp(prefix="edge-llm-bench-cache-")
     chosen = start(model, {"XDG_CACHE_HOME": remembered})[2]  # the verdicts to remember
@@ -108,11 +116,15 @@ def main() -> None:
     print(f"model {model.name}, {args.runs} runs each, median seconds from spawn to SERVING")
     for name, values in times.items():
         spread = f"{min(values):.2f}..{max(values):.2f}"
-        print(f"  {name:22} {statistics.median(values):6.2f} s  ({spread})  "
-              f"{statistics.median(values) / base:.2f}x baseline ({args.baseline}), "
-              f"cpu {variants[name]}")  # fmt: skip
-    print(f"  self-test on a first start: median {statistics.median(tests):.2f} s "
-          f"({min(tests):.2f}..{max(tests):.2f})")  # fmt: skip
+        print(
+            f"  {name:22} {statistics.median(values):6.2f} s  ({spread})  "
+            f"{statistics.median(values) / base:.2f}x baseline ({args.baseline}), "
+            f"cpu {variants[name]}"
+        )
+    print(
+        f"  self-test on a first start: median {statistics.median(tests):.2f} s "
+        f"({min(tests):.2f}..{max(tests):.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,21 @@ def main() -> None:
     cpu = backend.load(args.cpu_variant)
     board = hardware.detect()
     cpus = len(os.sched_getaffinity(0))
-    print(f"{path.name} on {board.model} ({cpu.variant} variant), {cpus} CPUs; edge-llm picks "
-          f"{hardware.plan_threads(board)}")  # fmt: skip
+    print(
+        f"{path.name} on {board.model} ({cpu.variant} variant), {cpus} CPUs; edge-llm picks "
+        f"{hardware.plan_threads(board)}"
+    )
     print("| threads | prompt tokens/s | decode tokens/s |\n|---|---|---|")
     for threads in range(1, cpus + 1):
-        llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=256, n_ubatch=256, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)  # fmt: skip
+        llm = llama_cpp.Llama(
+            str(path),
+            n_ctx=1024,
+            n_batch=256,
+            n_ubatch=256,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
         prompt = llm.tokenize(b"The quick brown fox " * 64, add_bos=True)[:256]
         runs = [measure(llm, prompt, 64) for _ in range(args.rounds)]
         pp = statistics.median(r[0] for r in runs)

@@ -22,8 +22,15 @@ def own_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     three runs) is written: temporary files of the tests and their servers, state, the CPU
     variant verdicts (so the self-test really runs); models are read from the real cache."""
     base = tmp_path_factory.mktemp("run")
-    names = ("XDG_CACHE_HOME", "XDG_STATE_HOME", "EDGE_LLM_MODELS_DIR", "CACHE_DIRECTORY",
-             "STATE_DIRECTORY", "EDGE_LLM_STATE_DIR", "TMPDIR")  # fmt: skip
+    names = (
+        "XDG_CACHE_HOME",
+        "XDG_STATE_HOME",
+        "EDGE_LLM_MODELS_DIR",
+        "CACHE_DIRECTORY",
+        "STATE_DIRECTORY",
+        "EDGE_LLM_STATE_DIR",
+        "TMPDIR",
+    )
     saved = {k: os.environ.get(k) for k in names}
     os.environ["EDGE_LLM_MODELS_DIR"] = str(models.models_dir())
     for name in ("XDG_CACHE_HOME", "XDG_STATE_HOME", "TMPDIR"):

@@ -23,9 +23,18 @@ from edge_llm.server import Server
 
 
 def make_config(model: Path, **overrides: object) -> Config:
-    base = dict(model=str(model), host="127.0.0.1", port=0, context_length=1024, batch_size=64,
-                queue_depth=4, max_tokens=1024, default_max_tokens=64, threads=2,
-                state_dir=tempfile.mkdtemp(prefix="edge-llm-state-"))  # fmt: skip
+    base = dict(
+        model=str(model),
+        host="127.0.0.1",
+        port=0,
+        context_length=1024,
+        batch_size=64,
+        queue_depth=4,
+        max_tokens=1024,
+        default_max_tokens=64,
+        threads=2,
+        state_dir=tempfile.mkdtemp(prefix="edge-llm-state-"),
+    )
     base.update(overrides)
     return Config(**base)  # type: ignore[arg-type]
 
@@ -42,11 +51,25 @@ class ServeProcess:
     block the server); `port` is known once it listens."""
 
     def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "edge_llm", "serve", "--model", str(model), "--port", "0",
-               "--context-length", "2048", "--threads", "2", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_llm",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            "--context-length",
+            "2048",
+            "--threads",
+            "2",
+            *args,
+        ]
         env = {"EDGE_LLM_STATE_DIR": tempfile.mkdtemp(prefix="edge-llm-state-"), **(env or {})}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **env})  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+        )
         self.lines: list[str] = []
         self._port: int | None = None
         self._listening = threading.Event()

@@ -34,9 +34,13 @@ void *ggml_backend_init(void) { __builtin_trap(); return 0; }
 
 
 def doctor(*args: str, env: dict[str, str] | None = None) -> dict:
-    result = subprocess.run([sys.executable, "-m", "edge_llm", "doctor", "--json", *args],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_llm", "doctor", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -93,9 +97,14 @@ def test_top_variant_crashing_falls_back_and_says_why(tiny_model: Path, crashing
     assert cpu["variant"] != "crashy"
     assert cpu["rejected"]["crashy"] == "killed by SIGILL during loading the variant"
     assert cpu["self_test"] == "tested now"
-    text = subprocess.run([sys.executable, "-m", "edge_llm", "doctor", "--model", str(tiny_model)],
-                          capture_output=True, text=True, timeout=120, check=True,
-                          env={**os.environ, **crashing_top}).stdout  # fmt: skip
+    text = subprocess.run(
+        [sys.executable, "-m", "edge_llm", "doctor", "--model", str(tiny_model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, **crashing_top},
+    ).stdout
     assert "rejected  crashy: killed by SIGILL during loading the variant" in text
     # The verdicts are remembered: the next start runs no child, and still says why.
     again = doctor("--model", str(tiny_model), env=crashing_top)["cpu_backend"]
@@ -116,9 +125,13 @@ def test_serving_falls_back_from_a_crashing_variant_and_answers(tiny_model, cras
             last = list(stub.Generate(request, timeout=60))[-1]
             assert last.usage.completion_tokens == 5
         assert "crashy is not used: its self-test failed (killed by SIGILL" in server.log
-        info = subprocess.run([sys.executable, "-m", "edge_llm", "info", "--address",
-                               f"127.0.0.1:{server.port}"], capture_output=True, text=True,
-                              timeout=60, check=True).stdout  # fmt: skip
+        info = subprocess.run(
+            [sys.executable, "-m", "edge_llm", "info", "--address", f"127.0.0.1:{server.port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         assert f"backend  {runtime.cpu_variant} (the best-scored variant that passed" in info
         assert "rejected crashy: killed by SIGILL during loading the variant" in info
     finally:
@@ -126,9 +139,24 @@ def test_serving_falls_back_from_a_crashing_variant_and_answers(tiny_model, cras
 
 
 def test_a_forced_variant_that_fails_is_refused_with_those_that_pass(tiny_model, crashing_top):
-    result = subprocess.run([sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model),
-                             "--port", "0", "--cpu-variant", "crashy"], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, **crashing_top})  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_llm",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--port",
+            "0",
+            "--cpu-variant",
+            "crashy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **crashing_top},
+    )
     assert result.returncode == 1
     assert "the crashy variant failed its self-test on this CPU: killed by SIGILL" in result.stderr
     passed = result.stderr.split("variants that passed: ")[1].split(" (")[0].split(", ")
@@ -198,9 +226,23 @@ def test_serve_refuses_a_variant_the_cpu_cannot_run(tiny_model: Path) -> None:
     unrunnable = [v for v, s in scores.items() if s == 0]
     if not unrunnable:
         pytest.skip("this CPU runs every variant of the build")
-    result = subprocess.run([sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model),
-                             "--port", "0", "--cpu-variant", unrunnable[0]],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_llm",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--port",
+            "0",
+            "--cpu-variant",
+            unrunnable[0],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert f"cannot run the {unrunnable[0]} variant" in result.stderr
     assert "Traceback" not in result.stderr
@@ -225,12 +267,14 @@ def test_the_cases_are_the_models_weight_matrices(tiny_model: Path) -> None:
     [
         ("__builtin_trap();", "killed by SIGILL during loading the variant"),
         # ggml's GGML_ASSERT: a message on stderr, then abort(); the message is the cause.
-        ('fprintf(stderr, "repack.cpp:42: GGML_ASSERT(n % 8 == 0) failed\\n"); abort();',
-         "killed by SIGABRT during loading the variant (repack.cpp:42: GGML_ASSERT(n % 8 == 0) "
-         "failed)"),
+        (
+            'fprintf(stderr, "repack.cpp:42: GGML_ASSERT(n % 8 == 0) failed\\n"); abort();',
+            "killed by SIGABRT during loading the variant (repack.cpp:42: GGML_ASSERT(n % 8 == 0) "
+            "failed)",
+        ),
         ("for (;;) {}", "did not finish in 5 s during loading the variant"),
     ],
-)  # fmt: skip
+)
 def test_how_a_variant_fails_is_told(tmp_path, monkeypatch, body: str, failure: str) -> None:
     monkeypatch.setattr(cpucheck, "TIMEOUT", 5)
     monkeypatch.setenv("PYTHONFAULTHANDLER", "1")  # as under the systemd unit
@@ -326,8 +370,9 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_a_timeout_is_not_remembered_a_crash_is(stand_ins) -> None:
     outcomes, choose = stand_ins
-    outcomes.update(top=cpucheck.Outcome({}, "did not finish in 30 s", lasting=False),
-                    mid=GOOD, x64=GOOD)  # fmt: skip
+    outcomes.update(
+        top=cpucheck.Outcome({}, "did not finish in 30 s", lasting=False), mid=GOOD, x64=GOOD
+    )
     chosen, remembered, runs = choose()
     assert chosen.variant == "mid" and chosen.rejected == {"top": "did not finish in 30 s"}
     assert remembered == {"mid": ""}
@@ -358,8 +403,11 @@ def test_when_nothing_passes_nothing_is_remembered(stand_ins) -> None:
 
 def test_the_reference_runs_once_even_as_the_last_candidate(stand_ins) -> None:
     outcomes, choose = stand_ins
-    outcomes.update(top=cpucheck.Outcome({}, "killed by SIGILL"),
-                    mid=cpucheck.Outcome({}, "killed by SIGBUS"), x64=GOOD)  # fmt: skip
+    outcomes.update(
+        top=cpucheck.Outcome({}, "killed by SIGILL"),
+        mid=cpucheck.Outcome({}, "killed by SIGBUS"),
+        x64=GOOD,
+    )
     chosen, remembered, runs = choose()
     assert chosen.variant == "x64" and sorted(runs) == ["mid", "top", "x64"]
     assert remembered == {"top": "killed by SIGILL", "mid": "killed by SIGBUS", "x64": ""}

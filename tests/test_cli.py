@@ -17,8 +17,9 @@ CLI = [sys.executable, "-m", "edge_llm"]
 
 
 def run_cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_missing_model_is_refused_with_what_to_do(tmp_path: Path) -> None:
@@ -30,8 +31,9 @@ def test_missing_model_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
 def test_missing_default_model_says_run_fetch_model(tmp_path: Path) -> None:
     env = {**os.environ, "EDGE_LLM_MODELS_DIR": str(tmp_path)}
-    result = subprocess.run([*CLI, "serve", "--port", "0"], capture_output=True, text=True,
-                            env=env, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*CLI, "serve", "--port", "0"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert result.returncode == 2
     assert "edge-llm fetch-model default" in result.stderr
 
@@ -72,8 +74,17 @@ def test_serve_becomes_healthy_and_stops_on_sigterm(tiny_model: Path) -> None:
 
 def test_generate_streams_to_stdout(server) -> None:
     address = f"127.0.0.1:{server.port}"
-    result = run_cli("generate", "--address", address, "--max-tokens", "8", "--temperature",
-                     "0", "--stats", "Say hi")  # fmt: skip
+    result = run_cli(
+        "generate",
+        "--address",
+        address,
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--stats",
+        "Say hi",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "completion tokens" in result.stderr
@@ -100,8 +111,16 @@ def test_info_json(server) -> None:
 def test_chat_keeps_the_conversation_in_a_session_it_can_resume(server) -> None:
     address = f"127.0.0.1:{server.port}"
     before = len(server.service.loaded.scheduler.recent)
-    result = run_cli("chat", "--address", address, "--max-tokens", "8", "--system", "Be brief.",
-                     stdin="Hello there\nAnd again\n")  # fmt: skip
+    result = run_cli(
+        "chat",
+        "--address",
+        address,
+        "--max-tokens",
+        "8",
+        "--system",
+        "Be brief.",
+        stdin="Hello there\nAnd again\n",
+    )
     assert result.returncode == 0, result.stderr
     session_id = result.stderr.split("session ", 1)[1].split()[0]
     jobs = list(server.service.loaded.scheduler.recent)[before:]
@@ -111,8 +130,7 @@ def test_chat_keeps_the_conversation_in_a_session_it_can_resume(server) -> None:
     assert jobs[1].request.messages[2].role == "assistant"
     assert {j.request.session_id for j in jobs} == {session_id}
 
-    resumed = run_cli("chat", "--address", address, "--session", session_id,
-                      stdin="Third\n")  # fmt: skip
+    resumed = run_cli("chat", "--address", address, "--session", session_id, stdin="Third\n")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("> Hello there\n")  # the history, shown again
     assert len(server.service.loaded.scheduler.recent[-1].request.messages) == 6
@@ -144,10 +162,24 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
     # setsid --ctty makes the pty the chat's controlling terminal, so Ctrl-C on it is SIGINT.
     # (Not pty.fork(): forking this multi-threaded, gRPC-using process is unsafe.)
     fd, tty = pty.openpty()
-    proc = subprocess.Popen(["setsid", "--ctty", *CLI, "chat", "--address",
-                             f"127.0.0.1:{server.port}", "--max-tokens", "1000",
-                             "--temperature", "0"],
-                            stdin=tty, stdout=tty, stderr=tty, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            "setsid",
+            "--ctty",
+            *CLI,
+            "chat",
+            "--address",
+            f"127.0.0.1:{server.port}",
+            "--max-tokens",
+            "1000",
+            "--temperature",
+            "0",
+        ],
+        stdin=tty,
+        stdout=tty,
+        stderr=tty,
+        start_new_session=True,
+    )
     os.close(tty)
     out = b""
 

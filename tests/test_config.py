@@ -69,9 +69,13 @@ def test_an_unwritable_state_directory_is_named_in_one_line(tiny_model) -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model),
-                             "--port", "0"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "EDGE_LLM_STATE_DIR": "/proc/edge-llm"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGE_LLM_STATE_DIR": "/proc/edge-llm"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "edge-llm: cannot keep sessions in /proc/edge-llm (No such file or directory): set "

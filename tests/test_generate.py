@@ -32,14 +32,16 @@ def collect(stub: pb_grpc.EdgeLLMStub, **fields: object) -> tuple[list[str], pb.
 def direct(tiny_model: Path) -> llama_cpp.Llama:
     """llama-cpp-python on its own, with the server's settings: the reference."""
     backend.load()
-    return llama_cpp.Llama(str(tiny_model), n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=2,
-                           verbose=False)  # fmt: skip
+    return llama_cpp.Llama(
+        str(tiny_model), n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=2, verbose=False
+    )
 
 
 def direct_text(direct: llama_cpp.Llama, tokens: list[int], max_tokens: int) -> str:
     direct.reset()
-    out = direct.create_completion(tokens, max_tokens=max_tokens, temperature=0.0,
-                                   repeat_penalty=1.0)  # fmt: skip
+    out = direct.create_completion(
+        tokens, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0
+    )
     return out["choices"][0]["text"]
 
 
@@ -57,8 +59,10 @@ def test_stream_concatenates_to_the_unstreamed_greedy_answer(stub, direct) -> No
 
 
 def test_chat_messages_use_the_models_template(stub) -> None:
-    messages = [pb.Message(role="system", content="You are terse."),
-                pb.Message(role="user", content="Name a color.")]  # fmt: skip
+    messages = [
+        pb.Message(role="system", content="You are terse."),
+        pb.Message(role="user", content="Name a color."),
+    ]
     count = stub.Tokenize(pb.TokenizeRequest(messages=messages)).count
     texts, last = collect(stub, messages=messages, max_tokens=30, temperature=0.0)
     assert "".join(texts).strip()
@@ -99,8 +103,9 @@ def test_chinese_and_emoji_are_never_cut_in_half(stub, direct) -> None:
 def test_stop_strings_end_the_answer_and_never_appear(stub) -> None:
     full = "".join(collect(stub, prompt=PROMPT, max_tokens=80, temperature=0.0)[0])
     stop = full[30:36]  # a string the greedy answer is known to contain, spanning tokens
-    texts, last = collect(stub, prompt=PROMPT, max_tokens=80, temperature=0.0,
-                          stop=[stop, "never-seen-stop"])  # fmt: skip
+    texts, last = collect(
+        stub, prompt=PROMPT, max_tokens=80, temperature=0.0, stop=[stop, "never-seen-stop"]
+    )
     answer = "".join(texts)
     assert answer == full[: full.index(stop)]
     assert stop not in answer
@@ -143,8 +148,9 @@ def test_cancelled_stream_frees_the_engine_within_a_token(server, stub) -> None:
 def test_deadline_stops_the_generation(server, stub) -> None:
     prompt = "Deadline: " + PROMPT
     with pytest.raises(grpc.RpcError) as err:
-        for _ in stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=1000,
-                                                  ignore_eos=True), timeout=0.5):  # fmt: skip
+        for _ in stub.Generate(
+            pb.GenerateRequest(prompt=prompt, max_tokens=1000, ignore_eos=True), timeout=0.5
+        ):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _, nxt = collect(stub, prompt="After deadline: " + PROMPT, max_tokens=3)
@@ -183,8 +189,9 @@ def test_full_queue_fails_fast_and_queued_cancel_never_runs(small_queue_server) 
     scheduler = srv.service.loaded.scheduler
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = pb_grpc.EdgeLLMStub(ch)
-        running = stub.Generate(pb.GenerateRequest(prompt="A " + PROMPT, max_tokens=1000,
-                                                   ignore_eos=True))  # fmt: skip
+        running = stub.Generate(
+            pb.GenerateRequest(prompt="A " + PROMPT, max_tokens=1000, ignore_eos=True)
+        )
         next(running)  # A holds the engine
         queued = stub.Generate(pb.GenerateRequest(prompt="B " + PROMPT, max_tokens=5))
         threading.Thread(target=lambda: list(_ignore_errors(queued)), daemon=True).start()
@@ -212,8 +219,11 @@ def test_a_full_queue_refuses_before_any_tokenizing(small_queue_server, monkeypa
     loaded = small_queue_server.service.loaded
     tokenized: list[str | None] = []
     prompt_tokens = loaded.engine.prompt_tokens
-    monkeypatch.setattr(loaded.engine, "prompt_tokens",
-                        lambda req: tokenized.append(req.prompt) or prompt_tokens(req))  # fmt: skip
+    monkeypatch.setattr(
+        loaded.engine,
+        "prompt_tokens",
+        lambda req: tokenized.append(req.prompt) or prompt_tokens(req),
+    )
     with grpc.insecure_channel(f"127.0.0.1:{small_queue_server.port}") as ch:
         stub = pb_grpc.EdgeLLMStub(ch)
         long = pb.GenerateRequest(prompt="Busy", max_tokens=900, ignore_eos=True)

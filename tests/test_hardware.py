@@ -173,8 +173,15 @@ def test_a_1gb_pi_plans_within_its_physical_memory() -> None:
     )
     with pytest.raises(memory.MemoryPlanError, match=r"does not fit in 648 MiB \(physical memory"):
         memory.plan(QWEN, 8192, 256, limit.bytes, budget_why=limit.why)
-    smol = memory.ModelShape(weights_bytes=98_362_432, n_layer=30, n_head_kv=3, key_length=64,
-                             value_length=64, n_vocab=49152, n_embd=576,
-                             trained_context=8192)  # fmt: skip
+    smol = memory.ModelShape(
+        weights_bytes=98_362_432,
+        n_layer=30,
+        n_head_kv=3,
+        key_length=64,
+        value_length=64,
+        n_vocab=49152,
+        n_embd=576,
+        trained_context=8192,
+    )
     plan = memory.plan(smol, memory.AUTO_CONTEXT, 256, limit.bytes, budget_why=limit.why)
     assert plan.context_length == 8192 and plan.total <= limit.bytes

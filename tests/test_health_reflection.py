@@ -96,15 +96,19 @@ def grpcurl() -> str:
 
 def test_grpcurl_lists_and_streams_a_generate(server) -> None:
     address = f"127.0.0.1:{server.port}"
-    listed = subprocess.run([grpcurl(), "-plaintext", address, "list"],
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    listed = subprocess.run(
+        [grpcurl(), "-plaintext", address, "list"], capture_output=True, text=True, timeout=30
+    )
     assert listed.returncode == 0, listed.stderr
     assert "edge_llm.v1.EdgeLLM" in listed.stdout.split()
 
     body = json.dumps({"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 12})
-    run = subprocess.run([grpcurl(), "-plaintext", "-d", body, address,
-                          "edge_llm.v1.EdgeLLM/Generate"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [grpcurl(), "-plaintext", "-d", body, address, "edge_llm.v1.EdgeLLM/Generate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     messages = [json.loads(m) for m in _json_objects(run.stdout)]
     assert len(messages) > 2, "expected a stream of several messages"

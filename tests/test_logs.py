@@ -108,11 +108,29 @@ def test_journal_records_carry_request_fields(
     # systemd hands the service a stderr stream and names it in JOURNAL_STREAM (device:inode).
     read_end, write_end = os.pipe()
     st = os.fstat(write_end)
-    mount = ('mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && '
-             'mount --bind "$0" /run/systemd/journal && exec "$@"')  # fmt: skip
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, journal.dir,
-           sys.executable, "-m", "edge_llm", "serve", "--model", str(tiny_model), "--port", "0",
-           *(["--log-prompts"] if log_prompts else [])]  # fmt: skip
+    mount = (
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && "
+        'mount --bind "$0" /run/systemd/journal && exec "$@"'
+    )
+    cmd = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        mount,
+        journal.dir,
+        sys.executable,
+        "-m",
+        "edge_llm",
+        "serve",
+        "--model",
+        str(tiny_model),
+        "--port",
+        "0",
+        *(["--log-prompts"] if log_prompts else []),
+    ]
     env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
     proc = subprocess.Popen(cmd, stderr=write_end, env=env)
     os.close(write_end)

@@ -107,9 +107,16 @@ def test_server_that_cannot_fit_refuses_to_load(tiny_model: Path) -> None:
 
 
 def test_saved_sessions_give_way_before_the_context() -> None:
-    shape = memory.ModelShape(weights_bytes=100 * MIB, n_layer=30, n_head_kv=3, key_length=64,
-                              value_length=64, n_vocab=49152, n_embd=576,
-                              trained_context=8192)  # fmt: skip
+    shape = memory.ModelShape(
+        weights_bytes=100 * MIB,
+        n_layer=30,
+        n_head_kv=3,
+        key_length=64,
+        value_length=64,
+        n_vocab=49152,
+        n_embd=576,
+        trained_context=8192,
+    )
     roomy = memory.plan(shape, 2048, 64, 2048 * MIB, sessions_bytes=128 * MIB)
     assert roomy.sessions == 128 * MIB and roomy.context_length == 2048
     tight = memory.plan(shape, 2048, 64, 400 * MIB, sessions_bytes=128 * MIB)

@@ -52,8 +52,9 @@ def unit_settings() -> dict[str, list[str]]:
 
 
 def test_unit_verifies_without_warnings(unit_here: Path) -> None:
-    result = subprocess.run([systemd_tool("systemd-analyze"), "verify", str(unit_here)],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [systemd_tool("systemd-analyze"), "verify", str(unit_here)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     # Unknown or misspelled keys are only warnings: any output at all fails the test.
     assert result.stdout + result.stderr == ""
@@ -61,9 +62,16 @@ def test_unit_verifies_without_warnings(unit_here: Path) -> None:
 
 def test_unit_exposure_is_at_most_2(unit_here: Path) -> None:
     result = subprocess.run(
-        [systemd_tool("systemd-analyze"), "security", "--offline=true", "--no-pager",
-         str(unit_here)], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            systemd_tool("systemd-analyze"),
+            "security",
+            "--offline=true",
+            "--no-pager",
+            str(unit_here),
+        ],
+        capture_output=True,
+        text=True,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
@@ -84,8 +92,9 @@ def test_unit_settings_match_the_service() -> None:
 
 def test_sysusers_entry_creates_the_user() -> None:
     conf = ROOT / "systemd" / "edge-llm.sysusers.conf"
-    result = subprocess.run([systemd_tool("systemd-sysusers"), "--dry-run", str(conf)],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [systemd_tool("systemd-sysusers"), "--dry-run", str(conf)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     created = "Creating user 'edge-llm'" in result.stdout + result.stderr
     assert created or "edge-llm" in {u.pw_name for u in pwd.getpwall()}

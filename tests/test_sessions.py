@@ -25,8 +25,13 @@ from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 GREEDY = pb.SamplingDefaults(temperature=0, max_tokens=48)
-QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two is bigger?",
-             "Name a river in each.", "Thank you!"]  # fmt: skip
+QUESTIONS = [
+    "What is the capital of France?",
+    "And of Italy?",
+    "Which of the two is bigger?",
+    "Name a river in each.",
+    "Thank you!",
+]
 
 
 def new_session(stub: pb_grpc.EdgeLLMStub, system: str = "You are a geography tutor.") -> str:
@@ -35,8 +40,9 @@ def new_session(stub: pb_grpc.EdgeLLMStub, system: str = "You are a geography tu
     ).session.id
 
 
-def say(stub: pb_grpc.EdgeLLMStub, session_id: str, text: str, **fields: object
-        ) -> tuple[str, pb.GenerateResponse]:  # fmt: skip
+def say(
+    stub: pb_grpc.EdgeLLMStub, session_id: str, text: str, **fields: object
+) -> tuple[str, pb.GenerateResponse]:
     request = pb.GenerateRequest(session_id=session_id, **fields)
     request.messages.add(role="user", content=text)
     parts, last = [], pb.GenerateResponse()
@@ -99,10 +105,16 @@ def test_each_turn_processes_only_its_new_tokens(server, stub) -> None:
 
 
 def test_three_sessions_taking_turns_match_three_isolated_runs(server, stub) -> None:
-    systems = ["You are a geography tutor.", "You answer in one short sentence.",
-               "You are a pirate."]  # fmt: skip
-    questions = [QUESTIONS[:3], ["What is 2 + 2?", "And times 3?", "Say it in words."],
-                 ["Where is the treasure?", "How deep?", "Who buried it?"]]  # fmt: skip
+    systems = [
+        "You are a geography tutor.",
+        "You answer in one short sentence.",
+        "You are a pirate.",
+    ]
+    questions = [
+        QUESTIONS[:3],
+        ["What is 2 + 2?", "And times 3?", "Say it in words."],
+        ["Where is the treasure?", "How deep?", "Who buried it?"],
+    ]
     ids = [new_session(stub, system) for system in systems]
     answers: list[list[str]] = [[], [], []]
     reused = []
@@ -330,9 +342,11 @@ def test_kill_9_loses_no_acknowledged_turn(tiny_model: Path) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as ch:
             stub = pb_grpc.EdgeLLMStub(ch)
             assert history(stub, session_id) == [
-                ("user", QUESTIONS[0]), ("assistant", answers[0]),
-                ("user", QUESTIONS[1]), ("assistant", answers[1]),
-            ]  # fmt: skip
+                ("user", QUESTIONS[0]),
+                ("assistant", answers[0]),
+                ("user", QUESTIONS[1]),
+                ("assistant", answers[1]),
+            ]
             say(stub, session_id, QUESTIONS[2])  # and the conversation goes on
             assert len(history(stub, session_id)) == 6
     finally:
@@ -420,9 +434,18 @@ def test_a_clock_set_forward_keeps_this_runs_sessions_young(tmp_path, monkeypatc
 def test_sessions_through_grpcurl(server) -> None:
     def call(method: str, body: dict) -> str:
         result = subprocess.run(
-            [grpcurl(), "-plaintext", "-d", json.dumps(body), f"127.0.0.1:{server.port}",
-             f"edge_llm.v1.EdgeLLM/{method}"], capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                grpcurl(),
+                "-plaintext",
+                "-d",
+                json.dumps(body),
+                f"127.0.0.1:{server.port}",
+                f"edge_llm.v1.EdgeLLM/{method}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -431,8 +454,9 @@ def test_sessions_through_grpcurl(server) -> None:
         call("CreateSession", {"system_prompt": "Be terse.", "defaults": defaults})
     )
     session_id = created["session"]["id"]
-    out = call("Generate", {"session_id": session_id,
-                            "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    out = call(
+        "Generate", {"session_id": session_id, "messages": [{"role": "user", "content": "Hi"}]}
+    )
     assert "FINISH_REASON" in out
     shown = json.loads(call("GetSession", {"id": session_id}))
     assert [m["role"] for m in shown["session"]["messages"]] == ["user", "assistant"]

@@ -40,8 +40,9 @@ def serve(model: Path, notify: NotifySocket, *args: str, **env: str) -> ServePro
 
 
 def story(max_tokens: int) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt="Once upon a time", max_tokens=max_tokens, temperature=0,
-                              ignore_eos=True)  # fmt: skip
+    return pb.GenerateRequest(
+        prompt="Once upon a time", max_tokens=max_tokens, temperature=0, ignore_eos=True
+    )
 
 
 def collect(call: Iterator[pb.GenerateResponse]) -> tuple[str, pb.GenerateResponse]:
@@ -87,8 +88,14 @@ def test_ready_only_after_load_and_warm_up_then_status_and_watchdog(
 def test_watchdog_pings_stop_when_the_worker_is_wedged(
     tiny_model: Path, notify: NotifySocket
 ) -> None:
-    server = serve(tiny_model, notify, "--drain-seconds", "1", WATCHDOG_USEC="1000000",
-                   EDGE_LLM_TEST_FAULT="wedge-worker")  # fmt: skip
+    server = serve(
+        tiny_model,
+        notify,
+        "--drain-seconds",
+        "1",
+        WATCHDOG_USEC="1000000",
+        EDGE_LLM_TEST_FAULT="wedge-worker",
+    )
     try:
         ready_at = notify.wait_for("READY", "1")
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:

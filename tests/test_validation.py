@@ -31,12 +31,14 @@ BAD_REQUESTS = [
     (pb.GenerateRequest(prompt="x", stop=["s"] * 17), "stop has 17 strings"),
     (pb.GenerateRequest(prompt="x", stop=["y" * 300]), "stop[0] is 300 bytes"),
     (pb.GenerateRequest(prompt="x", stop=["ok", ""]), "stop[1] is empty"),
-    (pb.GenerateRequest(messages=[pb.Message(role="user", content="z" * 70_000)]),
-     "messages[0].content is 70000 bytes"),
+    (
+        pb.GenerateRequest(messages=[pb.Message(role="user", content="z" * 70_000)]),
+        "messages[0].content is 70000 bytes",
+    ),
     (pb.GenerateRequest(prompt="z" * 70_000), "prompt is 70000 bytes"),
     (pb.GenerateRequest(messages=USER * 300), "messages has 300 entries"),
     (pb.GenerateRequest(prompt="hello " * 1500), "the context window holds 1024 tokens"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("request_", "needle"), BAD_REQUESTS, ids=lambda v: str(v)[:40])
