@@ -60,9 +60,6 @@ class Job:
     started_at: float | None = None
     # Set by the RPC-done callback (client cancelled, went away, or passed its deadline).
     cancelled: threading.Event = field(default_factory=threading.Event)
-    # Completion tokens the engine had made when the cancel arrived (tests check the engine
-    # stops within one token of it).
-    tokens_at_cancel: int | None = None
     outbox: queue.SimpleQueue[Chunk | BaseException] = field(default_factory=queue.SimpleQueue)
     # Why the server cancelled it (shutdown), for the last message; empty if the client did.
     notice: str = ""
@@ -152,7 +149,6 @@ class Scheduler:
         with self._cond:
             if job.cancelled.is_set():
                 return
-            job.tokens_at_cancel = job.stats.completion_tokens
             job.cancelled.set()
             if job in self._waiting:
                 # It never reaches the engine; end its stream so its handler thread is freed.

@@ -13,13 +13,12 @@ the port closes. A second signal cuts off at once.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -30,8 +29,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from edge_llm import backend, hardware, memory, models, sessions
-from edge_llm.admission import EngineLike, Job, Scheduler
+from edge_llm import backend, faults, hardware, memory, models, sessions
+from edge_llm.admission import Job, Scheduler
 from edge_llm.config import Config
 from edge_llm.conversations import Conversations
 from edge_llm.convert import Limits
@@ -39,7 +38,7 @@ from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shap
 from edge_llm.kvstates import KVStates
 from edge_llm.service import TOKENIZERS, EdgeLLMService, Loaded
 from edge_llm.systemd import Notifier, Watchdog
-from edge_llm.types import GenerateRequest, GenerationStats, RuntimeInfo, Sampling
+from edge_llm.types import GenerateRequest, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -51,7 +50,6 @@ _REFLECTION_STREAMS = 4  # each holds a handler thread while it is open, idle or
 # Health checks have threads of their own: no other call can keep a probe waiting.
 _HEALTH_THREADS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
 _FLUSH_SECONDS = 3.0  # for cut-off streams to send their last message
-_FAULT_ENV = "EDGE_LLM_TEST_FAULT"  # test-only: "wedge-worker" hangs the worker after warm-up
 
 
 class Server:
@@ -149,10 +147,9 @@ class Server:
         )
         engine = Engine(self.model_path, settings)
         self._engine = engine
-        fault = _Wedge(engine) if os.environ.get(_FAULT_ENV) == "wedge-worker" else None
         state = self.state_dir
         kv = KVStates(engine, state / "kv", plan.memory.sessions, _disk_budget(self.config, state))
-        self._scheduler = Scheduler(fault or engine, self.config.queue_depth, kv)
+        self._scheduler = Scheduler(faults.engine(engine), self.config.queue_depth, kv)
         self._scheduler.start()
         store = sessions.SessionStore(
             state / "sessions.sqlite3",
@@ -192,9 +189,6 @@ class Server:
         _warm_up(engine, self._scheduler)
         self._scheduler.recent.clear()  # the warm-up is not a request served
         self._scheduler.served = 0
-        if fault is not None:
-            log.warning("%s=wedge-worker: the worker will hang on the next request", _FAULT_ENV)
-            fault.armed = True
         self.service.loaded = Loaded(
             engine, self._scheduler, runtime, engine.info, plan.memory, conversations
         )
@@ -398,26 +392,6 @@ class _Reflection(reflection.ReflectionServicer):
             yield from super().ServerReflectionInfo(request_iterator, context)
         finally:
             self._open.release()
-
-
-class _Wedge:
-    """Test-only fault: once armed, the worker hangs inside the engine, as on a stuck
-    llama_decode, so tests can see the watchdog pings stop."""
-
-    def __init__(self, engine: EngineLike) -> None:
-        self._engine = engine
-        self.armed = False
-
-    def generate(
-        self,
-        prompt: list[int],
-        request: GenerateRequest,
-        cancelled: Callable[[], bool],
-        stats: GenerationStats,
-    ) -> Iterator[str]:
-        if self.armed:
-            threading.Event().wait()
-        return self._engine.generate(prompt, request, cancelled, stats)
 
 
 def run(config: Config) -> int:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -91,17 +92,18 @@ class ServeProcess:
             self._ended = True
             self._logged.notify_all()
 
-    def wait_for_log(self, text: str, timeout: float = 60) -> str:
-        """The first log line containing `text`, once it is there."""
+    def wait_for_log(self, text: str, timeout: float = 60, count: int = 1) -> str:
+        """The `count`th log line containing `text`, once it is there."""
 
         def found() -> str | None:
-            return next((line for line in self.lines if text in line), None)
+            lines = [line for line in self.lines if text in line]
+            return lines[count - 1] if len(lines) >= count else None
 
         with self._logged:
             self._logged.wait_for(lambda: found() is not None or self._ended, timeout)
             line = found()
         if line is None:
-            raise AssertionError(f"no log line with {text!r}; the log:\n{self.log}")
+            raise AssertionError(f"no {count} log lines with {text!r}; the log:\n{self.log}")
         return line
 
     @property
@@ -206,6 +208,29 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self.mono
+
+
+class Hold:
+    """Holds the engine's worker at its next check-in (between prompt batches, between
+    tokens) for a job that `matches`, until release(): what happens meanwhile happens while
+    that job is mid-prompt or mid-answer, whatever the machine's speed."""
+
+    def __init__(self, scheduler: Scheduler, matches: Callable[[Job], bool]) -> None:
+        self.reached, self._go = threading.Event(), threading.Event()
+        check_in = scheduler._check_in
+
+        def holding(job: Job) -> bool:
+            if matches(job) and not self._go.is_set():
+                self.reached.set()
+                self._go.wait(60)
+            return check_in(job)
+
+        scheduler._check_in = holding  # type: ignore[method-assign]
+        self._undo = lambda: setattr(scheduler, "_check_in", check_in)
+
+    def release(self) -> None:
+        self._go.set()
+        self._undo()
 
 
 def submissions(scheduler: Scheduler, count: int) -> threading.Event:

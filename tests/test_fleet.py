@@ -7,7 +7,6 @@ client-side health checking, as the README shows.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -52,7 +51,9 @@ def test_round_robin_spreads_calls_and_leaves_a_stopping_board_alone(tiny_model:
             # Board 2 starts to stop: its health turns NOT_SERVING and the client moves away
             # before its port closes, without a failed call.
             boards[1].health.enter_graceful_shutdown()
-            time.sleep(0.5)
+            for _ in range(50):  # until its health Watch has told the client
+                if calls(2) == [2, 0]:
+                    break
             assert calls(4) == [4, 0]
     finally:
         for board in boards:

@@ -9,9 +9,10 @@ from pathlib import Path
 import grpc
 import llama_cpp
 import pytest
-from helpers import start_server, submissions
+from helpers import Hold, start_server, submissions
 
 from edge_llm import backend
+from edge_llm.admission import Job
 from edge_llm.server import Server
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
@@ -125,27 +126,41 @@ def test_same_seed_same_answer(stub) -> None:
     assert collect(stub, **fields)[0] == collect(stub, **fields)[0]
 
 
+@pytest.fixture(scope="module")
+def at_cancel(server: Server) -> dict[int, int]:
+    """Completion tokens each job had made when its cancel arrived, by job id."""
+    scheduler = server.service.loaded.scheduler
+    tokens: dict[int, int] = {}
+    cancel = scheduler.cancel
+
+    def recording(job: Job) -> None:
+        tokens.setdefault(job.id, job.stats.completion_tokens)
+        cancel(job)
+
+    scheduler.cancel = recording
+    yield tokens
+    scheduler.cancel = cancel
+
+
 def _job_for(server: Server, prompt: str):
     jobs = [j for j in server.service.loaded.scheduler.recent if j.request.prompt == prompt]
     assert len(jobs) == 1
     return jobs[0]
 
 
-def test_cancelled_stream_frees_the_engine_within_a_token(server, stub) -> None:
+def test_cancelled_stream_frees_the_engine_within_a_token(server, stub, at_cancel) -> None:
     prompt = "Cancel me: " + PROMPT
     call = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=1000, ignore_eos=True))
     for _, _msg in zip(range(5), call, strict=False):
         pass
     call.cancel()
-    _, nxt = collect(stub, prompt="Next: " + PROMPT, max_tokens=3)
-    assert nxt.timings.queue_ms < 250, "the cancelled generation kept the engine busy"
+    collect(stub, prompt="Next: " + PROMPT, max_tokens=3)  # runs after it, so it has stopped
     job = _job_for(server, prompt)
     assert job.cancelled.is_set() and job.stats.finish_reason is None
-    assert job.stats.completion_tokens - job.tokens_at_cancel <= 1
-    assert job.stats.completion_tokens < 200
+    assert job.stats.completion_tokens - at_cancel[job.id] <= 1
 
 
-def test_deadline_stops_the_generation(server, stub) -> None:
+def test_deadline_stops_the_generation(server, stub, at_cancel) -> None:
     prompt = "Deadline: " + PROMPT
     with pytest.raises(grpc.RpcError) as err:
         for _ in stub.Generate(
@@ -153,26 +168,25 @@ def test_deadline_stops_the_generation(server, stub) -> None:
         ):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _, nxt = collect(stub, prompt="After deadline: " + PROMPT, max_tokens=3)
-    assert nxt.timings.queue_ms < 250
+    collect(stub, prompt="After deadline: " + PROMPT, max_tokens=3)
     job = _job_for(server, prompt)
-    assert job.stats.completion_tokens - job.tokens_at_cancel <= 1
+    assert job.stats.completion_tokens - at_cancel[job.id] <= 1
 
 
 def test_cancel_during_prompt_processing_stops_at_a_batch_boundary(server, stub) -> None:
     prompt = "Long prompt: " + " ".join(f"word{i}" for i in range(220))  # ~800 tokens
     assert stub.Tokenize(pb.TokenizeRequest(text=prompt)).count > 10 * 64  # 10+ batches
-    call = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=10))
-    _wait_for(
-        lambda: (
-            call.done()
-            or any(j.request.prompt == prompt for j in server.service.loaded.scheduler.recent)
-        )
-    )
-    assert not call.done(), call.details()
-    call.cancel()
-    job = _job_for(server, prompt)
-    _wait_for(lambda: server.service.loaded.scheduler.running is not job)
+    scheduler = server.service.loaded.scheduler
+    hold = Hold(scheduler, lambda job: job.request.prompt == prompt)
+    try:
+        call = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=10))
+        assert hold.reached.wait(60)  # at the first batch boundary
+        job = _job_for(server, prompt)
+        call.cancel()
+        assert job.cancelled.wait(30)
+    finally:
+        hold.release()
+    _wait_for(lambda: scheduler.running is not job)
     assert job.stats.prompt_tokens_processed < job.stats.prompt_tokens
     assert job.stats.first_token_at is None
 
@@ -197,12 +211,10 @@ def test_full_queue_fails_fast_and_queued_cancel_never_runs(small_queue_server) 
         threading.Thread(target=lambda: list(_ignore_errors(queued)), daemon=True).start()
         _wait_for(lambda: scheduler.waiting == 1)
 
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(grpc.RpcError) as err:  # at once: refused, not queued
             list(stub.Generate(pb.GenerateRequest(prompt="C", max_tokens=5), timeout=30))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in err.value.details()
-        assert time.monotonic() - started < 1.0
 
         queued.cancel()
         _wait_for(lambda: scheduler.waiting == 0)

@@ -9,12 +9,13 @@ import json
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from helpers import ServeProcess, start_server
+from helpers import Hold, ServeProcess, start_server
 from test_health_reflection import grpcurl
 
 from edge_llm.admission import Job
@@ -170,7 +171,17 @@ def test_caches_spill_to_disk_and_lost_ones_are_rebuilt(spilling_server: Server)
         assert job.prompt == engine.tokenize(None, conversation)
 
 
-def test_two_answers_at_once_in_one_session_are_refused(stub) -> None:
+def until_free(server: Server, session_id: str) -> None:
+    """Until the server has taken in a cancel and freed the session (a client that sends its
+    next message before the cancel arrives gets FAILED_PRECONDITION)."""
+    busy = server.service.loaded.conversations._busy  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while session_id in busy:
+        assert time.monotonic() < deadline, "the session stayed busy after a cancel"
+        time.sleep(0.001)
+
+
+def test_two_answers_at_once_in_one_session_are_refused(server, stub) -> None:
     session_id = new_session(stub)
     request = pb.GenerateRequest(session_id=session_id, max_tokens=400, ignore_eos=True)
     request.messages.add(role="user", content="Count to a thousand.")
@@ -182,24 +193,31 @@ def test_two_answers_at_once_in_one_session_are_refused(stub) -> None:
     assert "still answering" in err.value.details()
     first.cancel()
     # A cancelled answer is not stored, nor is its question; the session is free at once.
+    until_free(server, session_id)
     say(stub, session_id, "Hello")
     assert len(history(stub, session_id)) == 2
-    for _ in range(5):  # cancel, and send the next message straight away
+    for _ in range(5):  # cancel, and send the next message as soon as the cancel is in
         call = stub.Generate(request)
         next(call)
         call.cancel()
+        until_free(server, session_id)
         say(stub, session_id, "Hello")
     assert len(history(stub, session_id)) == 12
     assert all(content != "Count to a thousand." for _, content in history(stub, session_id))
 
 
-def test_a_session_deleted_during_its_answer_is_not_brought_back(stub) -> None:
+def test_a_session_deleted_during_its_answer_is_not_brought_back(server, stub) -> None:
     session_id = new_session(stub)
     request = pb.GenerateRequest(session_id=session_id, max_tokens=60, ignore_eos=True)
     request.messages.add(role="user", content="Tell me a story.")
-    call = stub.Generate(request)
-    next(call)
-    stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+    scheduler = server.service.loaded.scheduler
+    hold = Hold(scheduler, lambda job: job.request.session_id == session_id)
+    try:
+        call = stub.Generate(request)
+        assert hold.reached.wait(60)  # mid-answer, however fast the machine
+        stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+    finally:
+        hold.release()
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
