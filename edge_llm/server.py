@@ -38,7 +38,7 @@ from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shap
 from edge_llm.kvstates import KVStates
 from edge_llm.service import TOKENIZERS, EdgeLLMService, Loaded
 from edge_llm.systemd import Notifier, Watchdog
-from edge_llm.types import GenerateRequest, RuntimeInfo, Sampling
+from edge_llm.types import GenerateRequest, ModelInfo, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -118,6 +118,29 @@ class Server:
 
     def _load(self) -> None:
         plan = plan_resources(self.config, self.model_path)
+        self._say_plan(plan)
+        self.limits = replace(self.limits, context_length=plan.memory.context_length)
+        self.service.limits = self.limits
+        engine = self._engine = self._read_model(plan.settings, plan.cpu.variant)
+        kv = KVStates(
+            engine,
+            self.state_dir / "kv",
+            plan.memory.sessions,
+            _disk_budget(self.config, self.state_dir),
+        )
+        scheduler = self._scheduler = Scheduler(faults.engine(engine), self.config.queue_depth, kv)
+        scheduler.start()
+        conversations = self._open_sessions(engine, kv, plan.settings.context_length)
+        runtime = _runtime_info(plan)
+        _warm_up(engine, scheduler)
+        self.service.loaded = Loaded(
+            engine, scheduler, runtime, engine.info, plan.memory, conversations
+        )
+        threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
+        if not self._stopping:  # else a signal came during the load
+            self._serve(engine.info)
+
+    def _say_plan(self, plan: ResourcePlan) -> None:
         if plan.memory.shrunk and self.config.context_length:
             log.warning(
                 "context %d tokens does not fit the memory budget or the model's trained context: "
@@ -128,81 +151,54 @@ class Server:
         log.info("cpu backend: %s (%s)", plan.cpu.variant, plan.cpu.why)
         for variant, cause in plan.cpu.rejected.items():
             log.warning("cpu backend: %s is not used: its self-test failed (%s)", variant, cause)
+        s = plan.settings
         log.info(
             "board: %s; threads: %d generation, %d prompt (%s)",
             plan.board.model,
-            plan.settings.threads,
-            plan.settings.threads_batch,
+            s.threads,
+            s.threads_batch,
             plan.threads_why,
         )
         log.info("memory plan: %s", plan.memory.describe())
-        self.limits = replace(self.limits, context_length=plan.memory.context_length)
-        self.service.limits = self.limits
-        settings = plan.settings
+
+    def _read_model(self, settings: EngineSettings, cpu_variant: str) -> Engine:
         log.info("loading %s", self.model_path)
         self.notifier.status(
-            f"loading {self.model_path.name} (cpu {plan.cpu.variant}, "
-            f"{settings.threads}/{settings.threads_batch} threads, context "
-            f"{settings.context_length})"
+            f"loading {self.model_path.name} (cpu {cpu_variant}, {settings.threads}/"
+            f"{settings.threads_batch} threads, context {settings.context_length})"
         )
-        engine = Engine(self.model_path, settings)
-        self._engine = engine
-        state = self.state_dir
-        kv = KVStates(engine, state / "kv", plan.memory.sessions, _disk_budget(self.config, state))
-        self._scheduler = Scheduler(faults.engine(engine), self.config.queue_depth, kv)
-        self._scheduler.start()
+        return Engine(self.model_path, settings)
+
+    def _open_sessions(self, engine: Engine, kv: KVStates, context_length: int) -> Conversations:
         store = sessions.SessionStore(
-            state / "sessions.sqlite3",
+            self.state_dir / "sessions.sqlite3",
             self.config.max_sessions,
             self.config.session_idle_hours * 3600,
             make_room=kv.free_disk,
         )
         for removed in store.expire():
             kv.forget(removed)
-        conversations = Conversations(
+        log.info("sessions in %s", store.path)
+        return Conversations(
             store,
-            settings.context_length,
+            context_length,
             drop_oldest=self.config.context_overflow == "drop_oldest",
             tokenize=engine.tokenize,
             has_chat_template=engine.info.has_chat_template,
             forget=kv.forget,
         )
-        log.info("sessions in %s", store.path)
-        info = system_info()
-        runtime = RuntimeInfo(
-            threads=settings.threads,
-            threads_batch=settings.threads_batch,
-            cpu_features=cpu_features_used(info),
-            system_info=info,
-            board=plan.board.model,
-            threads_reason=plan.threads_why,
-            cpu_variant=plan.cpu.variant,
-            cpu_variant_reason=plan.cpu.why,
-            cpu_variants_rejected=plan.cpu.rejected,
-            versions={
-                "llama_cpp_python": version("llama-cpp-python"),
-                "grpcio": grpc.__version__,
-                "protobuf": version("protobuf"),
-                "python": platform.python_version(),
-            },
-        )
-        _warm_up(engine, self._scheduler)
-        self._scheduler.recent.clear()  # the warm-up is not a request served
-        self._scheduler.served = 0
-        self.service.loaded = Loaded(
-            engine, self._scheduler, runtime, engine.info, plan.memory, conversations
-        )
-        threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
-        if self._stopping:  # a signal came during the load
-            return
+
+    def _serve(self, model: ModelInfo) -> None:
+        """Health SERVING, READY=1 for systemd, and the watchdog from now on."""
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "ready: %s, %s, %s parameters",
-            engine.info.name,
-            engine.info.quantization,
-            f"{engine.info.parameter_count:,}",
+            model.name,
+            model.quantization,
+            f"{model.parameter_count:,}",
         )
         self.notifier.ready(self.status())
+        assert self._scheduler is not None
         self._watchdog = Watchdog(
             self.notifier, self._scheduler.stalled_for, self.status, self._worker_stalled
         )
@@ -348,6 +344,27 @@ def _disk_budget(config: Config, state: Path) -> int:
     return budget
 
 
+def _runtime_info(plan: ResourcePlan) -> RuntimeInfo:
+    info = system_info()
+    return RuntimeInfo(
+        threads=plan.settings.threads,
+        threads_batch=plan.settings.threads_batch,
+        cpu_features=cpu_features_used(info),
+        system_info=info,
+        board=plan.board.model,
+        threads_reason=plan.threads_why,
+        cpu_variant=plan.cpu.variant,
+        cpu_variant_reason=plan.cpu.why,
+        cpu_variants_rejected=plan.cpu.rejected,
+        versions={
+            "llama_cpp_python": version("llama-cpp-python"),
+            "grpcio": grpc.__version__,
+            "protobuf": version("protobuf"),
+            "python": platform.python_version(),
+        },
+    )
+
+
 def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
     """One short generation through the scheduler: pages the weights in, proves the path."""
     request = GenerateRequest(
@@ -357,6 +374,8 @@ def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
     scheduler.submit(job)
     for _ in job.chunks():
         pass
+    scheduler.recent.clear()  # the warm-up is not a request served
+    scheduler.served = 0
 
 
 class _Health(health.HealthServicer):
