@@ -33,14 +33,15 @@ void *ggml_backend_init(void) { __builtin_trap(); return 0; }
 """
 
 
+def edge_llm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`edge-llm ARGS` in a process of its own: a variant that crashes takes only that down."""
+    command = [sys.executable, "-m", "edge_llm", *args]
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
 def doctor(*args: str, env: dict[str, str] | None = None) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "edge_llm", "doctor", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    result = edge_llm("doctor", "--json", *args, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -97,14 +98,7 @@ def test_top_variant_crashing_falls_back_and_says_why(tiny_model: Path, crashing
     assert cpu["variant"] != "crashy"
     assert cpu["rejected"]["crashy"] == "killed by SIGILL during loading the variant"
     assert cpu["self_test"] == "tested now"
-    text = subprocess.run(
-        [sys.executable, "-m", "edge_llm", "doctor", "--model", str(tiny_model)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        env={**os.environ, **crashing_top},
-    ).stdout
+    text = edge_llm("doctor", "--model", str(tiny_model), env=crashing_top).stdout
     assert "rejected  crashy: killed by SIGILL during loading the variant" in text
     # The verdicts are remembered: the next start runs no child, and still says why.
     again = doctor("--model", str(tiny_model), env=crashing_top)["cpu_backend"]
@@ -139,24 +133,8 @@ def test_serving_falls_back_from_a_crashing_variant_and_answers(tiny_model, cras
 
 
 def test_a_forced_variant_that_fails_is_refused_with_those_that_pass(tiny_model, crashing_top):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_llm",
-            "serve",
-            "--model",
-            str(tiny_model),
-            "--port",
-            "0",
-            "--cpu-variant",
-            "crashy",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **crashing_top},
-    )
+    serve = ("serve", "--model", str(tiny_model), "--port", "0", "--cpu-variant", "crashy")
+    result = edge_llm(*serve, env=crashing_top)
     assert result.returncode == 1
     assert "the crashy variant failed its self-test on this CPU: killed by SIGILL" in result.stderr
     passed = result.stderr.split("variants that passed: ")[1].split(" (")[0].split(", ")
@@ -226,22 +204,8 @@ def test_serve_refuses_a_variant_the_cpu_cannot_run(tiny_model: Path) -> None:
     unrunnable = [v for v, s in scores.items() if s == 0]
     if not unrunnable:
         pytest.skip("this CPU runs every variant of the build")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_llm",
-            "serve",
-            "--model",
-            str(tiny_model),
-            "--port",
-            "0",
-            "--cpu-variant",
-            unrunnable[0],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = edge_llm(
+        "serve", "--model", str(tiny_model), "--port", "0", "--cpu-variant", unrunnable[0]
     )
     assert result.returncode == 1
     assert f"cannot run the {unrunnable[0]} variant" in result.stderr

@@ -160,7 +160,7 @@ def test_a_1gb_pi_plans_within_its_physical_memory() -> None:
     """MemoryMax=2G on a 1 GB board: planning to the cgroup limit meant an OOM kill, and with
     MemorySwapMax=0 a restart loop. The default model is refused with the numbers; the tiny
     one fits."""
-    from test_memory import QWEN
+    from test_memory import QWEN, SMOL
 
     from edge_llm import memory
 
@@ -173,15 +173,5 @@ def test_a_1gb_pi_plans_within_its_physical_memory() -> None:
     )
     with pytest.raises(memory.MemoryPlanError, match=r"does not fit in 648 MiB \(physical memory"):
         memory.plan(QWEN, 8192, 256, limit.bytes, budget_why=limit.why)
-    smol = memory.ModelShape(
-        weights_bytes=98_362_432,
-        n_layer=30,
-        n_head_kv=3,
-        key_length=64,
-        value_length=64,
-        n_vocab=49152,
-        n_embd=576,
-        trained_context=8192,
-    )
-    plan = memory.plan(smol, memory.AUTO_CONTEXT, 256, limit.bytes, budget_why=limit.why)
+    plan = memory.plan(SMOL, memory.AUTO_CONTEXT, 256, limit.bytes, budget_why=limit.why)
     assert plan.context_length == 8192 and plan.total <= limit.bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,19 @@ QWEN = memory.ModelShape(
     n_vocab=151936,
     n_embd=896,
     trained_context=32768,
+)
+
+
+# SmolLM2-135M's (the tiny test model), its weights as its Q4_1 file holds them.
+SMOL = memory.ModelShape(
+    weights_bytes=98_362_432,
+    n_layer=30,
+    n_head_kv=3,
+    key_length=64,
+    value_length=64,
+    n_vocab=49152,
+    n_embd=576,
+    trained_context=8192,
 )
 
 
@@ -107,16 +121,7 @@ def test_server_that_cannot_fit_refuses_to_load(tiny_model: Path) -> None:
 
 
 def test_saved_sessions_give_way_before_the_context() -> None:
-    shape = memory.ModelShape(
-        weights_bytes=100 * MIB,
-        n_layer=30,
-        n_head_kv=3,
-        key_length=64,
-        value_length=64,
-        n_vocab=49152,
-        n_embd=576,
-        trained_context=8192,
-    )
+    shape = replace(SMOL, weights_bytes=100 * MIB)
     roomy = memory.plan(shape, 2048, 64, 2048 * MIB, sessions_bytes=128 * MIB)
     assert roomy.sessions == 128 * MIB and roomy.context_length == 2048
     tight = memory.plan(shape, 2048, 64, 400 * MIB, sessions_bytes=128 * MIB)
