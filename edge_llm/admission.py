@@ -76,33 +76,42 @@ class Job:
 
 
 class Gate:
-    """At most `size` callers inside at once and `waiting` more in line for a turn; one more is
-    refused at once: work nobody can start soon is not accepted (RESOURCE_EXHAUSTED)."""
+    """At most `size` callers inside at once and `waiting` more in line, first come first in;
+    one more is refused at once: work nobody can start soon is not taken (RESOURCE_EXHAUSTED)."""
 
     def __init__(self, size: int, waiting: int, what: str) -> None:
         self._size, self._max_waiting, self._what = size, waiting, what
-        self._inside = self._waiting = 0
+        self._inside = 0
+        self._line: deque[object] = deque()
         self._cond = threading.Condition()
+
+    @property
+    def _waiting(self) -> int:
+        return len(self._line)
 
     @contextlib.contextmanager
     def enter(self) -> Iterator[None]:
         with self._cond:
-            if self._inside >= self._size and self._waiting >= self._max_waiting:
+            if self._inside >= self._size and len(self._line) >= self._max_waiting:
                 raise QueueFullError(
-                    f"{self._inside} {self._what} running and {self._waiting} waiting; retry later"
+                    f"{self._inside} {self._what} running and {len(self._line)} waiting; "
+                    "retry later"
                 )
-            self._waiting += 1
+            me = object()
+            self._line.append(me)
+            self._cond.notify_all()  # whoever watches the line sees it grow
             try:
-                self._cond.wait_for(lambda: self._inside < self._size)
+                self._cond.wait_for(lambda: self._line[0] is me and self._inside < self._size)
             finally:
-                self._waiting -= 1
+                self._line.remove(me)
+                self._cond.notify_all()  # the next in line may have room too
             self._inside += 1
         try:
             yield
         finally:
             with self._cond:
                 self._inside -= 1
-                self._cond.notify()
+                self._cond.notify_all()
 
 
 class Scheduler:

@@ -42,17 +42,18 @@ class _Saved:
     data: bytearray
 
 
+_AUTO_DISK_MAX = 2 << 30  # the automatic disk budget's cap
 _FORGOTTEN_KEPT = 1024  # deleted sessions remembered, for jobs of theirs still queued
 
 
 class KVStates:
     def __init__(
-        self, engine: KVEngine, directory: Path, memory_budget: int, disk_budget: int
+        self, engine: KVEngine, directory: Path, memory_budget: int, disk_budget: int | None
     ) -> None:
+        """`disk_budget` None: a quarter of the free space (once old caches are gone), <= 2 GiB."""
         self._engine = engine
         self._dir = directory
         self.memory_budget = memory_budget
-        self.disk_budget = disk_budget
         self._memory: OrderedDict[str, _Saved] = OrderedDict()  # least recently used first
         self._memory_bytes = 0
         self._disk: OrderedDict[str, int] = OrderedDict()  # spilled file sizes, oldest first
@@ -64,6 +65,10 @@ class KVStates:
         # Caches from before a restart may come from another model or build: start clean.
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
+        if disk_budget is None:
+            disk_budget = min(shutil.disk_usage(directory).free // 4, _AUTO_DISK_MAX)
+            log.info("session caches on disk: up to %d MiB in %s", disk_budget >> 20, directory)
+        self.disk_budget = disk_budget
 
     def activate(self, session_id: str | None) -> None:
         """Make the context hold `session_id`'s cache (None: a request without a session,
@@ -97,12 +102,17 @@ class KVStates:
             self._unlink(session_id)
 
     def free_disk(self) -> int:
-        """Delete every spilled cache (the disk is full: what matters must be written);
+        """The disk is full: delete every spilled cache, so that what matters can be written,
+        and keep spilling to a quarter of what is free now (not into the space just freed);
         the bytes freed."""
         with self._lock:
             freed = self._disk_bytes
             for session_id in list(self._disk):
                 self._unlink(session_id)
+            self.disk_budget = min(self.disk_budget, shutil.disk_usage(self._dir).free // 4)
+            log.warning(
+                "the disk is full: session caches on disk now up to %d MiB", self.disk_budget >> 20
+            )
             return freed
 
     @property

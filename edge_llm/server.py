@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import signal
 import threading
 import time
@@ -126,7 +125,7 @@ class Server:
             engine,
             self.state_dir / "kv",
             plan.memory.sessions,
-            _disk_budget(self.config, self.state_dir),
+            self.config.session_disk_mb * memory.MIB or None,
         )
         scheduler = self._scheduler = Scheduler(faults.engine(engine), self.config.queue_depth, kv)
         scheduler.start()
@@ -333,15 +332,6 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
     )
     why = "configured" if config.threads or config.threads_batch else threads.why
     return ResourcePlan(board, cpu, settings, why, plan)
-
-
-def _disk_budget(config: Config, state: Path) -> int:
-    """Bytes of spilled session caches: configured, or a quarter of the free space, <= 2 GiB."""
-    if config.session_disk_mb:
-        return config.session_disk_mb * memory.MIB
-    budget = min(shutil.disk_usage(state).free // 4, 2 * memory.GIB)
-    log.info("session caches on disk: up to %d MiB in %s", budget // memory.MIB, state / "kv")
-    return budget
 
 
 def _runtime_info(plan: ResourcePlan) -> RuntimeInfo:

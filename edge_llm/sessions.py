@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +124,26 @@ class SessionStore:
         """A new session; also the ids of the sessions removed to make room or idle too long
         (never those in `keep`: they are answering)."""
         session_id = uuid.uuid4().hex
-        with self._lock, self._transaction():
+        with self._lock:
             now = self._now()
-            removed = self._expire(now, room_for=1, keep=keep)
-            self._db.execute(
-                "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (session_id, system_prompt, json.dumps(asdict(defaults)), now, now),
-            )
+            with self._transaction():
+                removed = self._expire(now, room_for=1, keep=keep)
+                self._db.execute(
+                    "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (session_id, system_prompt, json.dumps(asdict(defaults)), now, now),
+                )
         return Session(session_id, system_prompt, defaults, (), 0, 0, now, now), removed
 
     def get(self, session_id: str) -> Session:
         with self._lock:
+            now = self._now()
             row = self._db.execute(
                 "SELECT id, system_prompt, defaults, created_at, updated_at, dropped_messages "
                 "FROM sessions WHERE id = ?",
                 (session_id,),
             ).fetchone()
-            if row is None or self._idle(row[4]):
+            if row is None or self._idle(row[4], now):
                 raise NotFoundError(f"no session {session_id!r}; create one with CreateSession")
             messages = tuple(
                 ChatMessage(role, content)
@@ -159,10 +161,10 @@ class SessionStore:
             updated_at, after_id = _decode_token(page_token)
             where = "WHERE (s.updated_at, s.id) < (?, ?)"
             args = [updated_at, after_id]
-        if self.idle_expiry_seconds:
-            where += (" AND " if where else "WHERE ") + "s.updated_at >= ?"
-            args.append(self._now() - self.idle_expiry_seconds)
         with self._lock:
+            if self.idle_expiry_seconds:
+                where += (" AND " if where else "WHERE ") + "s.updated_at >= ?"
+                args.append(self._now() - self.idle_expiry_seconds)
             rows = self._db.execute(
                 "SELECT s.id, s.system_prompt, s.defaults, s.created_at, s.updated_at, "
                 "s.dropped_messages, (SELECT count(*) FROM messages m WHERE m.session_id = s.id) "
@@ -209,8 +211,14 @@ class SessionStore:
     def _commit_turn(
         self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
     ) -> None:
-        with self._lock, self._transaction():
+        with self._lock:
             now = self._now()
+            self._store_turn(now, session_id, user, answer, drop)
+
+    def _store_turn(
+        self, now: float, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
+    ) -> None:
+        with self._transaction():
             exists = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,))
             if exists.fetchone() is None:
                 raise NotFoundError(f"session {session_id} was deleted during the answer")
@@ -239,8 +247,10 @@ class SessionStore:
 
     def expire(self, keep: Collection[str] = ()) -> builtins.list[str]:
         """Remove idle and surplus sessions now, except those in `keep`; their ids."""
-        with self._lock, self._transaction():
-            return self._expire(self._now(), room_for=0, keep=keep)
+        with self._lock:
+            now = self._now()
+            with self._transaction():
+                return self._expire(now, room_for=0, keep=keep)
 
     def _expire(self, now: float, room_for: int, keep: Collection[str]) -> builtins.list[str]:
         ids = []
@@ -271,26 +281,44 @@ class SessionStore:
             log.info("removed %d idle or surplus sessions", len(ids))
         return ids
 
-    def _idle(self, updated_at: float) -> bool:
+    def _idle(self, updated_at: float, now: float) -> bool:
         idle = self.idle_expiry_seconds
-        return bool(idle) and updated_at < self._now() - idle
+        return bool(idle) and updated_at < now - idle
 
     def _now(self) -> float:
-        """The store's time (under the lock); a clock set forward carries this run's times."""
-        now, jump = self._clock.now()
-        if jump:
+        """The store's time, read under the lock before any transaction: a clock set forward
+        carries this run's times with it first, in a transaction of its own (if that cannot
+        be written, the time before the jump is used, and the next call tries again)."""
+        reading = self._clock.read()
+        if reading.jump:
+            started = self._clock.started
+            try:
+                with self._transaction():
+                    self._db.execute(
+                        "UPDATE sessions SET updated_at = updated_at + ?1, created_at = "
+                        "created_at + (CASE WHEN created_at >= ?2 THEN ?1 ELSE 0 END) "
+                        "WHERE updated_at >= ?2",
+                        (reading.jump, started),
+                    )
+                    self._db.execute(
+                        "UPDATE messages SET created_at = created_at + ?1 WHERE created_at >= ?2",
+                        (reading.jump, started),
+                    )
+            except sqlite3.Error as e:
+                log.warning(
+                    "the system clock was set forward by %.0f s, and the sessions' "
+                    "times could not follow yet (%s)",
+                    reading.jump,
+                    e,
+                )
+                return reading.now - reading.jump
             log.warning(
                 "the system clock was set forward by %.0f s: the sessions used since "
                 "start-up keep their age",
-                jump,
+                reading.jump,
             )
-            self._db.execute(
-                "UPDATE sessions SET updated_at = updated_at + ?, created_at = created_at + "
-                "(CASE WHEN created_at >= ? THEN ? ELSE 0 END) WHERE updated_at >= ?",
-                (jump, self._clock.started, jump, self._clock.started),
-            )
-            self._clock.started += jump
-        return now
+        self._clock.advance(reading)
+        return reading.now
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -306,7 +334,7 @@ class SessionStore:
 
 class _Clock:
     """Wall-clock time that never goes back: not behind `floor` (the newest time stored) nor
-    behind itself. now() also says how far the system clock was set forward, if it was."""
+    behind itself; a reading also says how far the system clock was set forward, if it was."""
 
     def __init__(self, floor: float) -> None:
         wall = time.time()
@@ -320,12 +348,24 @@ class _Clock:
         self._mono = time.monotonic()
         self.started = self._now
 
-    def now(self) -> tuple[float, float]:
+    def read(self) -> _Reading:
+        """The time now, and how far the system clock was set forward since the last
+        advance(); nothing changes until advance()."""
         wall, mono = time.time(), time.monotonic()
         expected = self._now + (mono - self._mono)
-        self._mono = mono
-        self._now = max(wall, expected)
-        return self._now, (wall - expected if wall - expected > CLOCK_JUMP else 0.0)
+        jump = wall - expected if wall - expected > CLOCK_JUMP else 0.0
+        return _Reading(max(wall, expected), mono, jump)
+
+    def advance(self, reading: _Reading) -> None:
+        self._now, self._mono = reading.now, reading.mono
+        self.started += reading.jump
+
+
+@dataclass(frozen=True)
+class _Reading:
+    now: float
+    mono: float
+    jump: float
 
 
 def _session(row: tuple[Any, ...], messages: tuple[ChatMessage, ...], count: int) -> Session:

@@ -183,7 +183,7 @@ def test_close_does_not_cancel_a_job_whose_last_chunk_is_out(engine_and_schedule
 def test_a_gate_lets_some_in_some_wait_and_refuses_the_rest() -> None:
     from edge_llm.admission import Gate
 
-    gate = Gate(size=1, waiting=1, what="tokenizations")
+    gate = Gate(size=1, waiting=1, what="tokenizations")  # first come, first in: see below
     inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -211,3 +211,34 @@ def test_a_gate_lets_some_in_some_wait_and_refuses_the_rest() -> None:
     second.join(30)
     with gate.enter():  # free again
         pass
+
+
+def test_a_gate_lets_them_in_in_the_order_they_came() -> None:
+    from edge_llm.admission import Gate
+
+    gate = Gate(size=1, waiting=5, what="tokenizations")
+    order: list[int] = []
+    release = threading.Event()
+
+    def holder() -> None:
+        with gate.enter():
+            release.wait(30)
+
+    def waiter(n: int) -> None:
+        with gate.enter():
+            order.append(n)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    with gate._cond:
+        assert gate._cond.wait_for(lambda: gate._inside == 1, 30)
+    waiters = []
+    for n in range(4):
+        waiters.append(threading.Thread(target=waiter, args=(n,)))
+        waiters[-1].start()
+        with gate._cond:  # each is in line before the next comes
+            assert gate._cond.wait_for(lambda n=n: gate._waiting == n + 1, 30)
+    release.set()
+    for t in [first, *waiters]:
+        t.join(30)
+    assert order == [0, 1, 2, 3]

@@ -155,6 +155,24 @@ def test_spilled_caches_stay_within_the_disk_budget(tmp_path: Path) -> None:
     assert sorted(p.stem for p in (tmp_path / "kv").glob("*.kv")) == ["a", "d"]
     assert kv.free_disk() == 2 * 116
     assert list((tmp_path / "kv").glob("*.kv")) == [] and kv.disk_bytes == 0
+
+
+def test_after_a_full_disk_caches_do_not_refill_the_space_freed(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from edge_llm import kvstates
+
+    engine = FakeEngine()
+    kv = KVStates(engine, tmp_path / "kv", memory_budget=0, disk_budget=10_000)
+    kv.activate("a")
+    kv.activate("b")  # a's cache on disk
+    assert kv.disk_bytes == 112
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(kvstates.shutil, "disk_usage", lambda _: usage._replace(free=400))
+    kv.free_disk()
+    assert kv.disk_budget == 100  # a quarter of what is free now
+    kv.activate("c")  # b's cache (112 bytes) no longer fits: not written
+    assert kv.disk_bytes == 0 and list((tmp_path / "kv").glob("*.kv")) == []
     for n in range(3000):
         kv.forget(f"gone-{n}")
     assert len(kv._forgotten) <= 1024  # bounded

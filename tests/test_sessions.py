@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -402,6 +403,36 @@ def test_idle_sessions_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert idle.expire() == [session.id]
 
 
+def test_a_clock_jump_that_cannot_be_written_is_tried_again(tmp_path, monkeypatch) -> None:
+    from helpers import FakeClock
+
+    from edge_llm import sessions
+
+    clock = FakeClock()
+    monkeypatch.setattr(sessions, "time", clock)
+    store = SessionStore(tmp_path / "s.sqlite3", 10, 3600)
+    young, _ = store.create("", SamplingDefaults())
+    real, failures = store._db, []
+
+    class FailingOnce:  # the first shift fails, as on a full disk
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql.startswith("UPDATE sessions SET updated_at") and not failures:
+                failures.append(sql)
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    store._db = FailingOnce()  # type: ignore[assignment]
+    clock.advance(60)
+    clock.wall += 5 * 86400
+    assert store.get(young.id).id == young.id  # the old time is used meanwhile
+    assert failures
+    assert store.expire() == []  # shifted now
+    assert store.get(young.id).updated_at == pytest.approx(clock.wall - 60, abs=1)
+
+
 def test_a_clock_behind_the_stored_times_expires_nothing(tmp_path, monkeypatch) -> None:
     """A board without a battery-backed clock boots in 1970 (or at its last shutdown): the
     sessions of the last run are not thrown away, nor kept forever."""
@@ -440,8 +471,8 @@ def test_a_clock_set_forward_keeps_this_runs_sessions_young(tmp_path, monkeypatc
     young, _ = store.create("", SamplingDefaults())
     clock.advance(60)
     clock.wall += 5 * 86400  # and NTP puts it right a minute later
-    assert store.expire() == []  # nothing is 5 days old
     assert store.get(young.id).updated_at == pytest.approx(clock.wall - 60, abs=1)
+    assert store.expire() == []  # nothing is 5 days old
     clock.advance(3000)
     assert store.expire() == [old.id]
     clock.wall -= 86400  # set back: times never go backwards
