@@ -20,6 +20,7 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from edge_llm.admission import Job, Scheduler
 from edge_llm.config import Config
+from edge_llm.conversations import Conversations
 from edge_llm.server import Server
 
 
@@ -177,10 +178,14 @@ class NotifySocket:
                 raise AssertionError(f"no {key}={value or '*'} in {timeout} s: {self.messages}")
             return found()  # type: ignore[return-value]
 
-    def wait_for_count(self, key: str, count: int, timeout: float = 60) -> None:
-        """Until `count` messages with `key` have arrived."""
+    def wait_for_count(self, key: str, count: int, value: str = "", timeout: float = 60) -> None:
+        """Until `count` messages with `key` (containing `value`) have arrived."""
+
+        def arrived() -> int:
+            return sum(value in f[key] for _, f in self.messages if key in f)
+
         with self._arrived:
-            if not self._arrived.wait_for(lambda: len(self.times(key)) >= count, timeout):
+            if not self._arrived.wait_for(lambda: arrived() >= count, timeout):
                 raise AssertionError(f"fewer than {count} {key} in {timeout} s: {self.messages}")
 
     def times(self, key: str) -> list[float]:
@@ -190,6 +195,21 @@ class NotifySocket:
     def close(self) -> None:
         self.sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def freed(conversations: Conversations, session_id: str) -> threading.Event:
+    """An event set when `session_id` is next freed (a cancel taken in, a turn stored)."""
+    done = threading.Event()
+    free = conversations._free
+
+    def watching(sid: str, token: int) -> None:
+        free(sid, token)
+        if sid == session_id and sid not in conversations._busy:
+            conversations._free = free  # type: ignore[method-assign]
+            done.set()
+
+    conversations._free = watching  # type: ignore[method-assign]
+    return done
 
 
 class FakeClock:

@@ -10,13 +10,12 @@ import signal
 import sqlite3
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from helpers import Hold, ServeProcess, start_server
+from helpers import Hold, ServeProcess, freed, start_server
 from test_health_reflection import grpcurl
 
 from edge_llm.admission import Job
@@ -172,16 +171,6 @@ def test_caches_spill_to_disk_and_lost_ones_are_rebuilt(spilling_server: Server)
         assert job.prompt == engine.tokenize(None, conversation)
 
 
-def until_free(server: Server, session_id: str) -> None:
-    """Until the server has taken in a cancel and freed the session (a client that sends its
-    next message before the cancel arrives gets FAILED_PRECONDITION)."""
-    busy = server.service.loaded.conversations._busy  # type: ignore[union-attr]
-    deadline = time.monotonic() + 30
-    while session_id in busy:
-        assert time.monotonic() < deadline, "the session stayed busy after a cancel"
-        time.sleep(0.001)
-
-
 def test_two_answers_at_once_in_one_session_are_refused(server, stub) -> None:
     session_id = new_session(stub)
     request = pb.GenerateRequest(session_id=session_id, max_tokens=400, ignore_eos=True)
@@ -192,16 +181,20 @@ def test_two_answers_at_once_in_one_session_are_refused(server, stub) -> None:
         say(stub, session_id, "Are you there?")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "still answering" in err.value.details()
+    conversations = server.service.loaded.conversations
+    free = freed(conversations, session_id)
     first.cancel()
-    # A cancelled answer is not stored, nor is its question; the session is free at once.
-    until_free(server, session_id)
+    # A cancelled answer is not stored, nor is its question; the session is free at once
+    # (once the server has the cancel: a message sent before that gets FAILED_PRECONDITION).
+    assert free.wait(30)
     say(stub, session_id, "Hello")
     assert len(history(stub, session_id)) == 2
     for _ in range(5):  # cancel, and send the next message as soon as the cancel is in
         call = stub.Generate(request)
         next(call)
+        free = freed(conversations, session_id)
         call.cancel()
-        until_free(server, session_id)
+        assert free.wait(30)
         say(stub, session_id, "Hello")
     assert len(history(stub, session_id)) == 12
     assert all(content != "Count to a thousand." for _, content in history(stub, session_id))

@@ -11,7 +11,6 @@ import os
 import signal
 import statistics
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,7 +103,8 @@ def test_watchdog_pings_stop_when_the_worker_is_wedged(
             notify.wait_for_count("WATCHDOG", 2)  # a healthy worker is vouched for
             call = stub.Generate(story(8), timeout=30)  # hangs the worker (test-only fault)
             stalled_at = notify.wait_for("STATUS", "stalled", timeout=10)
-            time.sleep(2.5)  # an absence of pings takes watching: 5 watchdog ticks
+            # The STATUS line counts the stalled seconds: 3 of them are several watchdog ticks.
+            notify.wait_for_count("STATUS", 3, value="stalled")
             after = [t for t in notify.times("WATCHDOG") if t > stalled_at]
             assert after == [], "pings went on for a wedged worker"
             assert stalled_at - ready_at > 1.5
