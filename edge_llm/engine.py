@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import random
 import re
 import time
@@ -16,6 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# llama.cpp's OpenMP threads spin (300k rounds) waiting for the next graph. Beside any other busy
+# process (a kiosk's own browser) the spinning thread takes the core the working one needs and
+# decoding falls to a quarter; a short spin costs nothing measurable idle (BENCHMARKS.md). libgomp
+# reads this once, when llama_cpp loads it, so it must be set before the import.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "2000"
 
 import llama_cpp
 from llama_cpp._internals import LlamaModel

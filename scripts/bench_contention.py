@@ -1,12 +1,13 @@
 """Generation speed when other processes want the CPU too, under llama.cpp's OpenMP wait
-policies: the default (threads spin a while between graph runs), a short spin, and passive.
+policies: libgomp's default (threads spin 300k rounds between graph runs), the short spin that
+engine.py sets unless the environment chooses, and passive waiting.
 
-    .venv/bin/python scripts/bench_contention.py [--model default] [--rounds 5]
+    .venv/bin/python scripts/bench_contention.py [--model default] [--rounds 5] [--only idle]
 
 Each measurement is a new process (libgomp reads its settings when it loads): the model is
 loaded with 2 threads, a 400-token prompt is processed, then 100 tokens are generated greedily.
 Rounds take turns between the policies, first on an idle machine, then with one busy loop per
-CPU running beside it. Medians, and each policy against the default in the same condition.
+CPU running beside it. Medians, and each policy against libgomp's default in the same condition.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import sys
 from edge_llm import models
 
 POLICIES = {
-    "default": {},
-    "GOMP_SPINCOUNT=2000": {"GOMP_SPINCOUNT": "2000"},
+    "libgomp default": {},
+    "GOMP_SPINCOUNT=2000 (edge-llm)": {"GOMP_SPINCOUNT": "2000"},
     "OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
 }
 
@@ -60,12 +61,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--only", choices=("idle", "busy"), help="measure one condition only")
     args = p.parse_args()
     model = str(models.resolve(args.model))
     cpus = len(os.sched_getaffinity(0))
-    for condition in ("idle", f"{cpus} busy loops beside it"):
+    conditions = {"idle": "idle", "busy": f"{cpus} busy loops beside it"}
+    for key, condition in conditions.items():
+        if args.only not in (None, key):
+            continue
         busy = []
-        if condition != "idle":
+        if key == "busy":
             loop = [sys.executable, "-c", "while True: pass"]
             busy = [subprocess.Popen(loop) for _ in range(cpus)]
         try:
@@ -76,7 +81,7 @@ def main() -> None:
         finally:
             for proc in busy:
                 proc.kill()
-        base = [statistics.median(x[i] for x in results["default"]) for i in (0, 1)]
+        base = [statistics.median(x[i] for x in results["libgomp default"]) for i in (0, 1)]
         print(f"{condition}: median of {args.rounds}, tokens/s (prompt, decode)")
         for name, values in results.items():
             pp, dec = (statistics.median(x[i] for x in values) for i in (0, 1))

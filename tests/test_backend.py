@@ -384,3 +384,27 @@ def test_a_forced_variant_that_fails_names_those_that_pass(stand_ins) -> None:
         choose("top")
     chosen, _, runs = choose("mid")
     assert chosen.forced and chosen.variant == "mid" and runs == []
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({}, "GOMP_SPINCOUNT = '2000'"),  # a short spin: fair to whatever else runs on the board
+        ({"OMP_WAIT_POLICY": "active"}, "OMP_WAIT_POLICY = 'ACTIVE'"),  # the operator's choice
+        ({"GOMP_SPINCOUNT": "50"}, "GOMP_SPINCOUNT = '50'"),
+    ],
+)
+def test_openmp_waits_briefly_unless_told_otherwise(env: dict[str, str], shown: str) -> None:
+    """The server imports the engine before anything else loads libgomp, which reads its wait
+    policy once: what it shows at load (OMP_DISPLAY_ENV) is what the threads do."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", "import edge_llm.server"],
+        env={**base, **env, "OMP_DISPLAY_ENV": "verbose"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown in result.stderr
+    if env:
+        assert "GOMP_SPINCOUNT = '2000'" not in result.stderr
