@@ -1,17 +1,17 @@
-"""protobuf <-> domain types, and the validation of what clients send.
-
-Every check names the field and the allowed range, so a grpcurl user can fix the request.
+"""protobuf <-> domain types. The checks of what clients send are in checks.py: each names
+the field and the allowed range, so a grpcurl user can fix the request.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Any
 
-from edge_llm import __version__
+from google.protobuf.message import Message
+
+from edge_llm import __version__, checks
+from edge_llm.checks import Limits
 from edge_llm.memory import MemoryPlan
 from edge_llm.types import (
     ChatMessage,
@@ -19,116 +19,36 @@ from edge_llm.types import (
     FinishReason,
     GenerateRequest,
     ModelInfo,
-    RequestError,
     RuntimeInfo,
-    Sampling,
     SamplingDefaults,
     Session,
 )
 from edge_llm.v1 import edge_llm_pb2 as pb
 
-ROLES = ("system", "user", "assistant")
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(
+        context_length=limits.context_length,
+        max_tokens=limits.max_tokens,
+        default_max_tokens=limits.default_max_tokens,
+        queue_depth=limits.queue_depth,
+        max_stop_strings=limits.max_stop_strings,
+        max_stop_string_bytes=limits.max_stop_string_bytes,
+        max_messages=limits.max_messages,
+        max_request_bytes=limits.max_request_bytes,
+    )
 
 
-@dataclass(frozen=True)
-class Limits:
-    context_length: int
-    max_tokens: int
-    default_max_tokens: int
-    queue_depth: int
-    max_stop_strings: int = 16
-    max_stop_string_bytes: int = 256
-    max_messages: int = 256
-    max_text_bytes: int = 64 * 1024  # the prompt, or one message's content
-    max_request_bytes: int = 1024 * 1024  # enforced by gRPC itself
-
-    def to_pb(self) -> pb.Limits:
-        return pb.Limits(
-            context_length=self.context_length,
-            max_tokens=self.max_tokens,
-            default_max_tokens=self.default_max_tokens,
-            queue_depth=self.queue_depth,
-            max_stop_strings=self.max_stop_strings,
-            max_stop_string_bytes=self.max_stop_string_bytes,
-            max_messages=self.max_messages,
-            max_request_bytes=self.max_request_bytes,
-        )
+def _given(msg: Message, names: Iterable[str]) -> dict[str, Any]:
+    """The optional fields the client set (proto3 `optional`: HasField tells)."""
+    return {name: getattr(msg, name) for name in names if msg.HasField(name)}
 
 
-def _text_or_messages(
-    text: str, messages: list[pb.Message], text_field: str, limits: Limits
-) -> tuple[str | None, tuple[ChatMessage, ...]]:
-    if text and messages:
-        raise RequestError(f"set either {text_field} or messages, not both")
-    if not text and not messages:
-        raise RequestError(f"set {text_field} (raw text) or messages (a conversation)")
-    if text:
-        _check_size(text_field, text, limits.max_text_bytes)
-        return text, ()
-    if len(messages) > limits.max_messages:
-        raise RequestError(
-            f"messages has {len(messages)} entries; the limit is {limits.max_messages}"
-        )
-    out = []
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise RequestError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m.role!r}"
-            )
-        _check_size(f"messages[{i}].content", m.content, limits.max_text_bytes)
-        out.append(ChatMessage(m.role, m.content))
-    return None, tuple(out)
+_REQUEST_FIELDS = ("max_tokens", "seed", *checks.SAMPLING_FIELDS)
 
 
-def _check_size(field: str, text: str, limit: int) -> None:
-    size = len(text.encode())
-    if size > limit:
-        raise RequestError(f"{field} is {size} bytes; the limit is {limit} bytes")
-
-
-def _in_range(
-    field: str, value: float, low: float, high: float, *, low_open: bool = False
-) -> float:
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise RequestError(f"{field} must be in {bracket}{low:g}, {high:g}]; got {value}")
-    return value
-
-
-# The sampling fields GenerateRequest and SamplingDefaults share, with their checks.
-_SAMPLING_FIELDS: dict[str, Callable[[float], float]] = {
-    "temperature": lambda v: _in_range("temperature", v, 0, 2),
-    "top_p": lambda v: _in_range("top_p", v, 0, 1, low_open=True),
-    "top_k": lambda v: int(_in_range("top_k", v, 0, 1000)),
-    "min_p": lambda v: _in_range("min_p", v, 0, 1),
-    "repeat_penalty": lambda v: _in_range("repeat_penalty", v, 0, 2, low_open=True),
-}
-
-
-def _max_tokens(value: int, limits: Limits) -> int:
-    if not 1 <= value <= limits.max_tokens:
-        raise RequestError(
-            f"max_tokens must be in [1, {limits.max_tokens}] (the server's cap); got {value}"
-        )
-    return value
-
-
-def _seed(value: int) -> int:
-    # llama.cpp reads 0xFFFFFFFF as "pick a random seed": it would break "same seed, same answer".
-    if value == 0xFFFFFFFF:
-        raise RequestError("seed must be below 4294967295 (that value means random in llama.cpp)")
-    return value
-
-
-def _stop(stop: Sequence[str], limits: Limits) -> tuple[str, ...]:
-    if len(stop) > limits.max_stop_strings:
-        raise RequestError(f"stop has {len(stop)} strings; the limit is {limits.max_stop_strings}")
-    for i, s in enumerate(stop):
-        if not s:
-            raise RequestError(f"stop[{i}] is empty")
-        _check_size(f"stop[{i}]", s, limits.max_stop_string_bytes)
-    return tuple(stop)
+def _messages(messages: Iterable[pb.Message]) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in messages]
 
 
 def generate_request_from_pb(
@@ -136,74 +56,20 @@ def generate_request_from_pb(
 ) -> GenerateRequest:
     """Validate a request; the sampling fields it leaves unset take a session's `defaults`,
     then the server's."""
-    prompt, messages = _text_or_messages(msg.prompt, list(msg.messages), "prompt", limits)
-    if msg.session_id and (prompt is not None or [m.role for m in messages] != ["user"]):
-        raise RequestError(
-            'with session_id, send only the new message, in messages (one, role "user"): '
-            "the session holds the history"
-        )
-    d = defaults or SamplingDefaults()
-
-    def pick(name: str) -> Any:
-        return getattr(msg, name) if msg.HasField(name) else getattr(d, name)
-
-    if msg.HasField("max_tokens"):
-        max_tokens = _max_tokens(msg.max_tokens, limits)
-    elif d.max_tokens is not None:  # checked when the session was made; the cap may be lower now
-        max_tokens = min(d.max_tokens, limits.max_tokens)
-    else:
-        max_tokens = limits.default_max_tokens
-    seed = pick("seed")
-    base = Sampling()
-    chosen: dict[str, Any] = {
-        name: getattr(base, name) if (v := pick(name)) is None else check(v)
-        for name, check in _SAMPLING_FIELDS.items()
-    }
-    sampling = Sampling(**chosen, seed=None if seed is None else _seed(seed))
-    return GenerateRequest(
-        prompt=prompt,
-        messages=messages,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        stop=_stop(msg.stop or d.stop, limits),
-        ignore_eos=msg.ignore_eos,
-        session_id=msg.session_id or None,
+    prompt, chat = checks.text_or_messages(msg.prompt, _messages(msg.messages), "prompt", limits)
+    given = _given(msg, _REQUEST_FIELDS)
+    if msg.stop:
+        given["stop"] = list(msg.stop)
+    return checks.request(
+        prompt, chat, given, limits, defaults, msg.session_id or None, msg.ignore_eos
     )
-
-
-def session_id(value: str, field: str = "session_id") -> str:
-    if not re.fullmatch(r"[0-9a-f]{32}", value):
-        shown = value if len(value) <= 40 else f"{value[:40]}..."
-        raise RequestError(
-            f"{field} {shown!r} is not a session id (32 hex digits, from CreateSession)"
-        )
-    return value
-
-
-def text(field: str, value: str, limits: Limits) -> str:
-    _check_size(field, value, limits.max_text_bytes)
-    return value
-
-
-MAX_PAGE_SIZE = 1000
-
-
-def page_size(requested: int) -> int:
-    if requested > MAX_PAGE_SIZE:
-        raise RequestError(f"page_size must be at most {MAX_PAGE_SIZE}; got {requested}")
-    return requested or 50
 
 
 def sampling_defaults_from_pb(msg: pb.SamplingDefaults, limits: Limits) -> SamplingDefaults:
-    def value(name: str, check: Callable[[Any], Any]) -> Any:
-        return check(getattr(msg, name)) if msg.HasField(name) else None
-
-    return SamplingDefaults(
-        max_tokens=value("max_tokens", lambda v: _max_tokens(v, limits)),
-        seed=value("seed", _seed),
-        stop=_stop(msg.stop, limits),
-        **{name: value(name, check) for name, check in _SAMPLING_FIELDS.items()},
-    )
+    given = _given(msg, _REQUEST_FIELDS)
+    if msg.stop:
+        given["stop"] = list(msg.stop)
+    return checks.sampling_defaults(given, limits)
 
 
 def sampling_defaults_to_pb(d: SamplingDefaults) -> pb.SamplingDefaults:
@@ -228,7 +94,7 @@ def session_to_pb(session: Session) -> pb.Session:
 def tokenize_request_from_pb(
     msg: pb.TokenizeRequest, limits: Limits
 ) -> tuple[str | None, tuple[ChatMessage, ...]]:
-    return _text_or_messages(msg.text, list(msg.messages), "text", limits)
+    return checks.text_or_messages(msg.text, _messages(msg.messages), "text", limits)
 
 
 _FINISH = {
@@ -291,7 +157,7 @@ def info_to_pb(
             cpu_variant_reason=runtime.cpu_variant_reason,
             cpu_variants_rejected=runtime.cpu_variants_rejected,
         ),
-        limits=limits.to_pb(),
+        limits=limits_to_pb(limits),
         memory=pb.MemoryPlan(
             budget_bytes=memory.budget,
             total_bytes=memory.total,

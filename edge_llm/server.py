@@ -30,9 +30,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from edge_llm import backend, faults, hardware, memory, models, sessions
 from edge_llm.admission import Job, Scheduler
+from edge_llm.checks import Limits
 from edge_llm.config import Config
 from edge_llm.conversations import Conversations
-from edge_llm.convert import Limits
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.kvstates import KVStates
 from edge_llm.service import TOKENIZERS, EdgeLLMService, Loaded

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from edge_llm import convert
+from edge_llm import checks, convert
 from edge_llm.admission import Gate, Job, Scheduler
 from edge_llm.conversations import Conversations, Turn
 from edge_llm.memory import MemoryPlan
@@ -136,7 +136,7 @@ TOKENIZERS = 2  # tokenizations at once: each is a core's worth of work the mode
 
 
 class EdgeLLMService(pb_grpc.EdgeLLMServicer):
-    def __init__(self, limits: convert.Limits, log_prompts: bool = False) -> None:
+    def __init__(self, limits: checks.Limits, log_prompts: bool = False) -> None:
         self.limits = limits
         self.log_prompts = log_prompts  # prompts are private: logged only when asked to
         self.loaded: Loaded | None = None
@@ -160,7 +160,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
             return
         # In a session: its history goes before the new message, and the turn is stored.
         conversations = loaded.conversations
-        claim = conversations.claim(convert.session_id(request.session_id))  # busy, then read
+        claim = conversations.claim(checks.session_id(request.session_id))  # busy, then read
         try:
             req = convert.generate_request_from_pb(request, self.limits, claim.session.defaults)
             with self.tokenizing.enter():
@@ -214,7 +214,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
     ) -> pb.CreateSessionResponse:
         conversations = self._loaded().conversations
-        system_prompt = convert.text("system_prompt", request.system_prompt, self.limits)
+        limit = self.limits.max_text_bytes
+        system_prompt = checks.size("system_prompt", request.system_prompt, limit)
         defaults = convert.sampling_defaults_from_pb(request.defaults, self.limits)
         session = conversations.create(system_prompt, defaults)
         log.info("session %s created", session.id, extra={"SESSION_ID": session.id})
@@ -225,7 +226,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.GetSessionRequest, context: grpc.ServicerContext
     ) -> pb.GetSessionResponse:
         store = self._loaded().conversations.store
-        session = store.get(convert.session_id(request.id, "id"))
+        session = store.get(checks.session_id(request.id, "id"))
         return pb.GetSessionResponse(session=convert.session_to_pb(session))
 
     @_rpc
@@ -233,7 +234,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
     ) -> pb.ListSessionsResponse:
         store = self._loaded().conversations.store
-        sessions, token = store.list(convert.page_size(request.page_size), request.page_token)
+        sessions, token = store.list(checks.page_size(request.page_size), request.page_token)
         return pb.ListSessionsResponse(
             sessions=[convert.session_to_pb(s) for s in sessions], next_page_token=token
         )
@@ -243,7 +244,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSessionResponse:
         conversations = self._loaded().conversations
-        conversations.delete(convert.session_id(request.id, "id"))
+        conversations.delete(checks.session_id(request.id, "id"))
         log.info("session %s deleted", request.id, extra={"SESSION_ID": request.id})
         return pb.DeleteSessionResponse()
 
