@@ -30,12 +30,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from edge_llm import backend, faults, hardware, memory, models, sessions
 from edge_llm.admission import Job, Scheduler
+from edge_llm.appliance import TOKENIZERS, Appliance, Loaded
 from edge_llm.checks import Limits
 from edge_llm.config import Config
 from edge_llm.conversations import Conversations
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
+from edge_llm.grpc_api import EdgeLLMService
 from edge_llm.kvstates import KVStates
-from edge_llm.service import TOKENIZERS, EdgeLLMService, Loaded
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, ModelInfo, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
@@ -64,7 +65,8 @@ class Server:
             default_max_tokens=config.default_max_tokens,
             queue_depth=config.queue_depth,
         )
-        self.service = EdgeLLMService(self.limits, config.log_prompts)
+        self.core = Appliance(self.limits, config.log_prompts)
+        self.service = EdgeLLMService(self.core)
         self.health = _Health()
         self.port = 0
         self._grpc: grpc.Server | None = None
@@ -119,7 +121,7 @@ class Server:
         plan = plan_resources(self.config, self.model_path)
         self._say_plan(plan)
         self.limits = replace(self.limits, context_length=plan.memory.context_length)
-        self.service.limits = self.limits
+        self.core.limits = self.limits
         engine = self._engine = self._read_model(plan.settings, plan.cpu.variant)
         kv = KVStates(
             engine,
@@ -132,7 +134,7 @@ class Server:
         conversations = self._open_sessions(engine, kv, plan.settings.context_length)
         runtime = _runtime_info(plan)
         _warm_up(engine, scheduler)
-        self.service.loaded = Loaded(
+        self.core.loaded = Loaded(
             engine, scheduler, runtime, engine.info, plan.memory, conversations
         )
         threading.Thread(target=self._hash_model, name="model-sha256", daemon=True).start()
@@ -209,7 +211,7 @@ class Server:
 
     def status(self) -> str:
         """One line for `systemctl status`: what is served, how, and how it is going."""
-        loaded, scheduler = self.service.loaded, self._scheduler
+        loaded, scheduler = self.core.loaded, self._scheduler
         if loaded is None or scheduler is None:
             return "loading"
         r = loaded.runtime
@@ -226,7 +228,7 @@ class Server:
 
     def _hash_model(self) -> None:
         sha = models.sha256_file(self.model_path)
-        self.service.set_model_sha256(sha)
+        self.core.set_model_sha256(sha)
         log.info("model SHA-256 %s", sha)
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -248,7 +250,7 @@ class Server:
         log.info("stopping: %d requests get up to %g s to finish", busy, drain)
         # The port stays open while draining, so health checks see NOT_SERVING (and clients
         # balancing on it move away) while new calls get UNAVAILABLE from the service.
-        self.service.draining = True
+        self.core.draining = True
         engine_free = True
         if scheduler is not None:
             self._drain(scheduler, drain)
@@ -259,7 +261,7 @@ class Server:
                 "grace period; send the request again (to another server, or once it is back)",
                 timeout=_FLUSH_SECONDS,
             )
-            self.service.wait_for_calls(_FLUSH_SECONDS)  # cut-off streams' last messages
+            self.core.wait_for_calls(_FLUSH_SECONDS)  # cut-off streams' last messages
         if self._grpc is not None:
             self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
         if self._loading:  # the loader thread is using the model: the exit frees it
@@ -267,11 +269,11 @@ class Server:
             return
         # stop() cancels calls without waiting for their handlers to leave the model (a large
         # Tokenize) or the store (a commit): free them only once none is inside.
-        if not self.service.wait_for_calls(_FLUSH_SECONDS):
+        if not self.core.wait_for_calls(_FLUSH_SECONDS):
             log.error("calls are still running; exiting without freeing the model")
             return
-        if self.service.loaded is not None:
-            self.service.loaded.conversations.store.close()
+        if self.core.loaded is not None:
+            self.core.loaded.conversations.store.close()
         if self._engine is not None and engine_free:
             self._engine.close()
         elif not engine_free:  # freeing the model under a running llama_decode would crash

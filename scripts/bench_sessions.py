@@ -113,7 +113,7 @@ def main() -> None:
             for question in turns:
                 alternating.append([turn(stub, s, question)[0] for s in three])
             prompt_tokens = [
-                j.stats.prompt_tokens for j in list(server.service.loaded.scheduler.recent)[-3:]
+                j.stats.prompt_tokens for j in list(server.core.loaded.scheduler.recent)[-3:]
             ]
     finally:
         server.stop(drain=0)

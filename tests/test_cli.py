@@ -110,7 +110,7 @@ def test_info_json(server) -> None:
 
 def test_chat_keeps_the_conversation_in_a_session_it_can_resume(server) -> None:
     address = f"127.0.0.1:{server.port}"
-    before = len(server.service.loaded.scheduler.recent)
+    before = len(server.core.loaded.scheduler.recent)
     result = run_cli(
         "chat",
         "--address",
@@ -123,7 +123,7 @@ def test_chat_keeps_the_conversation_in_a_session_it_can_resume(server) -> None:
     )
     assert result.returncode == 0, result.stderr
     session_id = result.stderr.split("session ", 1)[1].split()[0]
-    jobs = list(server.service.loaded.scheduler.recent)[before:]
+    jobs = list(server.core.loaded.scheduler.recent)[before:]
     # Turn 2 carries turn 1, from the server's copy of the conversation.
     assert [len(j.request.messages) for j in jobs] == [2, 4]
     assert jobs[1].request.messages[1].content == "Hello there"
@@ -133,7 +133,7 @@ def test_chat_keeps_the_conversation_in_a_session_it_can_resume(server) -> None:
     resumed = run_cli("chat", "--address", address, "--session", session_id, stdin="Third\n")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("> Hello there\n")  # the history, shown again
-    assert len(server.service.loaded.scheduler.recent[-1].request.messages) == 6
+    assert len(server.core.loaded.scheduler.recent[-1].request.messages) == 6
 
     listed = run_cli("sessions", "list", "--address", address)
     assert session_id in listed.stdout and "6 messages" in listed.stdout
@@ -164,7 +164,7 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
     # The answer is held after a few tokens until Ctrl-C has done its work, however fast or
     # slow this machine is: the interrupt lands mid-answer.
     hold = Hold(
-        server.service.loaded.scheduler,
+        server.core.loaded.scheduler,
         lambda job: job.request.max_tokens == 1000 and job.stats.completion_tokens >= 3,
     )
     fd, tty = pty.openpty()

@@ -33,7 +33,7 @@ def test_round_robin_spreads_calls_and_leaves_a_stopping_board_alone(tiny_model:
             request = pb.GenerateRequest(prompt="Hi", max_tokens=2)
 
             def served() -> list[int]:
-                return [b.service.loaded.scheduler.served for b in boards]  # type: ignore[union-attr]
+                return [b.core.loaded.scheduler.served for b in boards]  # type: ignore[union-attr]
 
             def calls(n: int) -> list[int]:
                 """Calls each board served out of `n` new ones."""

@@ -129,7 +129,7 @@ def test_same_seed_same_answer(stub) -> None:
 @pytest.fixture(scope="module")
 def at_cancel(server: Server) -> dict[int, int]:
     """Completion tokens each job had made when its cancel arrived, by job id."""
-    scheduler = server.service.loaded.scheduler
+    scheduler = server.core.loaded.scheduler
     tokens: dict[int, int] = {}
     cancel = scheduler.cancel
 
@@ -143,7 +143,7 @@ def at_cancel(server: Server) -> dict[int, int]:
 
 
 def _job_for(server: Server, prompt: str):
-    jobs = [j for j in server.service.loaded.scheduler.recent if j.request.prompt == prompt]
+    jobs = [j for j in server.core.loaded.scheduler.recent if j.request.prompt == prompt]
     assert len(jobs) == 1
     return jobs[0]
 
@@ -176,7 +176,7 @@ def test_deadline_stops_the_generation(server, stub, at_cancel) -> None:
 def test_cancel_during_prompt_processing_stops_at_a_batch_boundary(server, stub) -> None:
     prompt = "Long prompt: " + " ".join(f"word{i}" for i in range(220))  # ~800 tokens
     assert stub.Tokenize(pb.TokenizeRequest(text=prompt)).count > 10 * 64  # 10+ batches
-    scheduler = server.service.loaded.scheduler
+    scheduler = server.core.loaded.scheduler
     hold = Hold(scheduler, lambda job: job.request.prompt == prompt)
     try:
         call = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=10))
@@ -200,7 +200,7 @@ def small_queue_server(tiny_model: Path):
 
 def test_full_queue_fails_fast_and_queued_cancel_never_runs(small_queue_server) -> None:
     srv = small_queue_server
-    scheduler = srv.service.loaded.scheduler
+    scheduler = srv.core.loaded.scheduler
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = pb_grpc.EdgeLLMStub(ch)
         running = stub.Generate(
@@ -228,7 +228,7 @@ def test_full_queue_fails_fast_and_queued_cancel_never_runs(small_queue_server) 
 
 def test_a_full_queue_refuses_before_any_tokenizing(small_queue_server, monkeypatch) -> None:
     """A refused request costs no rendering or tokenizing (up to 1 MiB of it)."""
-    loaded = small_queue_server.service.loaded
+    loaded = small_queue_server.core.loaded
     tokenized: list[str | None] = []
     prompt_tokens = loaded.engine.prompt_tokens
     monkeypatch.setattr(

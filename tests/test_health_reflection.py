@@ -167,7 +167,7 @@ def test_health_answers_whatever_else_holds_the_server(tiny_model: Path) -> None
             long = pb.GenerateRequest(prompt="Busy", max_tokens=900, ignore_eos=True)
             calls = [stub.Generate(long)]
             next(calls[0])  # running
-            full = submissions(server.service.loaded.scheduler, 2)
+            full = submissions(server.core.loaded.scheduler, 2)
             calls += [stub.Generate(long) for _ in range(2)]  # queued
             assert full.wait(30)
             with pytest.raises(grpc.RpcError) as err:  # the queue is full

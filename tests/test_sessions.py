@@ -54,7 +54,7 @@ def say(
 
 
 def last_job(server: Server) -> Job:
-    return server.service.loaded.scheduler.recent[-1]  # type: ignore[union-attr]
+    return server.core.loaded.scheduler.recent[-1]  # type: ignore[union-attr]
 
 
 def history(stub: pb_grpc.EdgeLLMStub, session_id: str) -> list[tuple[str, str]]:
@@ -167,7 +167,7 @@ def test_caches_spill_to_disk_and_lost_ones_are_rebuilt(spilling_server: Server)
         conversation = [ChatMessage("system", "You are a pirate.")] + [
             ChatMessage(m.role, m.content) for m in stored.messages[:-1]
         ]
-        engine = spilling_server.service.loaded.engine  # type: ignore[union-attr]
+        engine = spilling_server.core.loaded.engine  # type: ignore[union-attr]
         assert job.prompt == engine.tokenize(None, conversation)
 
 
@@ -181,7 +181,7 @@ def test_two_answers_at_once_in_one_session_are_refused(server, stub) -> None:
         say(stub, session_id, "Are you there?")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "still answering" in err.value.details()
-    conversations = server.service.loaded.conversations
+    conversations = server.core.loaded.conversations
     free = freed(conversations, session_id)
     first.cancel()
     # A cancelled answer is not stored, nor is its question; the session is free at once
@@ -204,7 +204,7 @@ def test_a_session_deleted_during_its_answer_is_not_brought_back(server, stub) -
     session_id = new_session(stub)
     request = pb.GenerateRequest(session_id=session_id, max_tokens=60, ignore_eos=True)
     request.messages.add(role="user", content="Tell me a story.")
-    scheduler = server.service.loaded.scheduler
+    scheduler = server.core.loaded.scheduler
     hold = Hold(scheduler, lambda job: job.request.session_id == session_id)
     try:
         call = stub.Generate(request)
@@ -513,7 +513,7 @@ def test_a_slow_commit_does_not_freeze_other_calls(tiny_model: Path) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = pb_grpc.EdgeLLMStub(channel)
-            loaded = srv.service.loaded
+            loaded = srv.core.loaded
             store = loaded.conversations.store
             committing, go = threading.Event(), threading.Event()
             commit = store.commit_turn

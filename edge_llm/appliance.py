@@ -1,0 +1,219 @@
+"""The service core: what every request does, whatever protocol brought it.
+
+A generation is admitted (a full queue refuses before any work), its prompt rendered and
+tokenized under a bounded gate, then it waits in the scheduler's queue for the engine and its
+chunks stream back. In a session (session_id set) the stored history goes before the new
+message, and the finished turn is stored before its last chunk is handed out
+(conversations.py). Whoever carries the stream (the gRPC servicer, the HTTP app) calls
+Generation.cancel() when its client cancels, goes away or passes its deadline: it never blocks.
+
+Every call is counted while it runs (Appliance.call()), so the server frees the model and the
+session store only once no call is inside them. This module knows no protocol: it raises the
+domain errors of types.py and each skin maps them to its statuses in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from edge_llm.admission import Gate, Job, Scheduler
+from edge_llm.checks import Limits
+from edge_llm.conversations import Conversations, Turn
+from edge_llm.memory import MemoryPlan
+from edge_llm.types import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    ModelInfo,
+    NotReadyError,
+    RuntimeInfo,
+    SamplingDefaults,
+    Session,
+    TurnNotKeptError,
+)
+
+if TYPE_CHECKING:
+    from edge_llm.engine import Engine
+
+log = logging.getLogger(__name__)
+
+TOKENIZERS = 2  # tokenizations at once: each is a core's worth of work the model wants too
+
+# Builds the validated request once the session's defaults are known (none without a session).
+RequestBuilder = Callable[[SamplingDefaults | None], GenerateRequest]
+
+
+@dataclass
+class Loaded:
+    """What exists once the model is loaded; until then calls get NotReadyError."""
+
+    engine: Engine
+    scheduler: Scheduler
+    runtime: RuntimeInfo
+    model: ModelInfo
+    memory: MemoryPlan
+    conversations: Conversations
+
+
+class Generation:
+    """One admitted request: chunks() submits it and streams the answer; cancel() from the
+    skin when its client is gone."""
+
+    def __init__(self, loaded: Loaded, job: Job, turn: Turn | None, log_prompts: bool) -> None:
+        self.job, self.turn = job, turn
+        self._loaded = loaded
+        self._log_prompts = log_prompts
+
+    @property
+    def session_id(self) -> str | None:
+        return None if self.turn is None else self.turn.claim.session.id
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The answer as it is made; the last chunk has finish_reason. In a session the turn
+        is stored before the last chunk is handed out (TurnNotKeptError if it was cancelled
+        just then)."""
+        loaded, job, turn = self._loaded, self.job, self.turn
+        try:
+            loaded.scheduler.submit(job)
+            self._log_queued()
+            answer: list[str] = []
+            for chunk in job.chunks():
+                answer.append(chunk.text)
+                if turn is not None and chunk.finish_reason not in (None, FinishReason.CANCELLED):
+                    keep = loaded.conversations.finish(turn, "".join(answer), job.cancelled.is_set)
+                    if not keep:
+                        raise TurnNotKeptError(
+                            "the answer was cancelled as it finished, and not kept; send it again"
+                        )
+                    chunk = replace(chunk, notice=turn.notice)
+                yield chunk
+        finally:
+            if turn is not None:
+                loaded.conversations.release(turn.claim)
+
+    def cancel(self) -> None:
+        """The client cancelled, went away or passed its deadline, or the call completed (then
+        it is a no-op). A cancelled turn frees its session now, so the client may send its
+        next message at once. Never blocks: gRPC calls it on its one polling thread."""
+        self._loaded.scheduler.cancel(self.job)
+        if self.turn is not None:
+            self._loaded.conversations.release_soon(self.turn.claim)
+
+    def _log_queued(self) -> None:
+        job = self.job
+        fields: dict[str, object] = {
+            "REQUEST_ID": job.id,
+            "PEER": job.peer,
+            "PROMPT_TOKENS": len(job.prompt),
+        }
+        if self.session_id is not None:
+            fields["SESSION_ID"] = self.session_id
+        log.info(
+            "request %d queued: %d prompt tokens from %s",
+            job.id,
+            len(job.prompt),
+            job.peer,
+            extra=fields,
+        )
+        if self._log_prompts:
+            req = job.request
+            text = req.prompt or "\n".join(f"{m.role}: {m.content}" for m in req.messages)
+            log.info("request %d prompt: %s", job.id, text, extra={**fields, "PROMPT": text})
+
+
+class Appliance:
+    def __init__(self, limits: Limits, log_prompts: bool = False) -> None:
+        self.limits = limits
+        self.log_prompts = log_prompts  # prompts are private: logged only when asked to
+        self.loaded: Loaded | None = None
+        self.draining = False  # the server is stopping: new calls are refused
+        self._calls = 0
+        self._calls_changed = threading.Condition()
+        # Rendering and tokenizing a prompt (Generate) or a text (Tokenize), up to 1 MiB.
+        self.tokenizing = Gate(TOKENIZERS, limits.queue_depth, "tokenizations")
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """Around every call that may touch the engine or the store."""
+        with self._calls_changed:
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._calls_changed:
+                self._calls -= 1
+                self._calls_changed.notify_all()
+
+    def wait_for_calls(self, timeout: float) -> bool:
+        """Wait until no call runs (streams have handed out their last chunk); False on
+        timeout."""
+        with self._calls_changed:
+            return self._calls_changed.wait_for(lambda: self._calls == 0, timeout)
+
+    def ready(self) -> Loaded:
+        if self.draining:
+            raise NotReadyError("the server is shutting down; retry on another instance")
+        if self.loaded is None:
+            raise NotReadyError("the model is loading; retry shortly")
+        return self.loaded
+
+    @property
+    def serving(self) -> bool:
+        return self.loaded is not None and not self.draining
+
+    def generate(self, build: RequestBuilder, session_id: str | None, peer: str) -> Generation:
+        """Admit a request: refused at once when the queue is full, then validated (`build`,
+        with the session's defaults) and tokenized. In a session the session is claimed until
+        the generation ends (chunks() finishes, or cancel())."""
+        received_at = time.monotonic()
+        loaded = self.ready()
+        loaded.scheduler.check_room()  # a full queue refuses before any work is done
+        if session_id is None:
+            req = build(None)
+            with self.tokenizing.enter():
+                prompt = loaded.engine.prompt_tokens(req)
+            return Generation(
+                loaded, Job(req, prompt, received_at=received_at, peer=peer), None, self.log_prompts
+            )
+        conversations = loaded.conversations
+        claim = conversations.claim(session_id)  # busy first, then read
+        try:
+            req = build(claim.session.defaults)
+            with self.tokenizing.enter():
+                turn = conversations.fit(claim, req)
+        except BaseException:
+            conversations.release(claim)
+            raise
+        job = Job(turn.request, turn.prompt, received_at=received_at, peer=peer)
+        return Generation(loaded, job, turn, self.log_prompts)
+
+    def tokenize(self, text: str | None, messages: tuple[ChatMessage, ...]) -> list[int]:
+        engine = self.ready().engine
+        with self.tokenizing.enter():
+            return engine.tokenize(text, messages)
+
+    def create_session(self, system_prompt: str, defaults: SamplingDefaults) -> Session:
+        session = self.ready().conversations.create(system_prompt, defaults)
+        log.info("session %s created", session.id, extra={"SESSION_ID": session.id})
+        return session
+
+    def get_session(self, session_id: str) -> Session:
+        return self.ready().conversations.store.get(session_id)
+
+    def list_sessions(self, page_size: int, page_token: str) -> tuple[list[Session], str]:
+        return self.ready().conversations.store.list(page_size, page_token)
+
+    def delete_session(self, session_id: str) -> None:
+        self.ready().conversations.delete(session_id)
+        log.info("session %s deleted", session_id, extra={"SESSION_ID": session_id})
+
+    def set_model_sha256(self, sha256: str) -> None:
+        if self.loaded is not None:
+            self.loaded.model = replace(self.loaded.model, sha256=sha256)

@@ -1,0 +1,156 @@
+"""The gRPC skin: protobuf in, protobuf out, over the appliance (appliance.py).
+
+A Generate call is converted and admitted on its own handler thread; its chunks go out one
+message per chunk. The RPC-done callback cancels the generation, whether the client
+cancelled, went away or passed its deadline (grpcio's context.is_active() is not reliable for
+that: grpc #20259).
+
+Every handler is wrapped by @_rpc: domain errors become gRPC statuses there and only there,
+and the appliance counts the call while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from edge_llm import checks, convert
+from edge_llm.appliance import Appliance
+from edge_llm.types import (
+    GenerateRequest,
+    NotFoundError,
+    NotReadyError,
+    PreconditionError,
+    QueueFullError,
+    RequestError,
+    SamplingDefaults,
+    StorageFullError,
+    TurnNotKeptError,
+)
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+# Domain errors and the gRPC status each one is; anything else is INTERNAL.
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    RequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StorageFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReadyError: grpc.StatusCode.UNAVAILABLE,
+    TurnNotKeptError: grpc.StatusCode.ABORTED,
+}
+
+
+@contextlib.contextmanager
+def _statuses(context: grpc.ServicerContext) -> Iterator[None]:
+    """End the call with the status of the domain error raised inside, or INTERNAL."""
+    try:
+        yield
+    except tuple(_STATUS) as e:
+        code = next(code for kind, code in _STATUS.items() if isinstance(e, kind))
+        context.abort(code, str(e))
+    except Exception as e:
+        log.exception("request handling failed")
+        context.abort(grpc.StatusCode.INTERNAL, f"could not process the request: {e}")
+
+
+def _rpc(handler: Handler) -> Handler:
+    """A servicer method: counted while it runs, its errors turned into statuses."""
+    if inspect.isgeneratorfunction(handler):
+
+        @functools.wraps(handler)
+        def streaming(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
+            with self.core.call(), _statuses(context):
+                yield from handler(self, request, context)
+
+        return streaming  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    def unary(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
+        with self.core.call(), _statuses(context):
+            return handler(self, request, context)
+
+    return unary  # type: ignore[return-value]
+
+
+class EdgeLLMService(pb_grpc.EdgeLLMServicer):
+    """The gRPC skin over the appliance: protobuf in, protobuf out."""
+
+    def __init__(self, core: Appliance) -> None:
+        self.core = core
+
+    @_rpc
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        session_id = checks.session_id(request.session_id) if request.session_id else None
+
+        def build(defaults: SamplingDefaults | None) -> GenerateRequest:
+            return convert.generate_request_from_pb(request, self.core.limits, defaults)
+
+        generation = self.core.generate(build, session_id, context.peer())
+        # The RPC-done callback: the client cancelled, went away or passed its deadline.
+        if not context.add_callback(generation.cancel):
+            generation.cancel()
+            return  # the call ended while we were tokenizing
+        for chunk in generation.chunks():
+            yield convert.chunk_to_pb(chunk)
+
+    @_rpc
+    def CreateSession(
+        self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
+    ) -> pb.CreateSessionResponse:
+        limits = self.core.limits
+        system_prompt = checks.size("system_prompt", request.system_prompt, limits.max_text_bytes)
+        defaults = convert.sampling_defaults_from_pb(request.defaults, limits)
+        session = self.core.create_session(system_prompt, defaults)
+        return pb.CreateSessionResponse(session=convert.session_to_pb(session))
+
+    @_rpc
+    def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.ServicerContext
+    ) -> pb.GetSessionResponse:
+        session = self.core.get_session(checks.session_id(request.id, "id"))
+        return pb.GetSessionResponse(session=convert.session_to_pb(session))
+
+    @_rpc
+    def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        page_size = checks.page_size(request.page_size)
+        sessions, token = self.core.list_sessions(page_size, request.page_token)
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_to_pb(s) for s in sessions], next_page_token=token
+        )
+
+    @_rpc
+    def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteSessionResponse:
+        self.core.delete_session(checks.session_id(request.id, "id"))
+        return pb.DeleteSessionResponse()
+
+    @_rpc
+    def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.ServicerContext
+    ) -> pb.TokenizeResponse:
+        text, messages = convert.tokenize_request_from_pb(request, self.core.limits)
+        tokens = self.core.tokenize(text, messages)
+        return pb.TokenizeResponse(tokens=tokens, count=len(tokens))
+
+    @_rpc
+    def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetInfoResponse:
+        loaded = self.core.ready()
+        return convert.info_to_pb(loaded.model, loaded.runtime, self.core.limits, loaded.memory)
