@@ -18,8 +18,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from edge_llm.admission import Gate, Job, Scheduler
@@ -60,6 +60,7 @@ class Loaded:
     model: ModelInfo
     memory: MemoryPlan
     conversations: Conversations
+    started_at: float = field(default_factory=time.time)  # Unix time the model was ready
 
 
 class Generation:
@@ -75,7 +76,7 @@ class Generation:
     def session_id(self) -> str | None:
         return None if self.turn is None else self.turn.claim.session.id
 
-    def chunks(self) -> Iterator[Chunk]:
+    def chunks(self) -> Generator[Chunk]:
         """The answer as it is made; the last chunk has finish_reason. In a session the turn
         is stored before the last chunk is handed out (TurnNotKeptError if it was cancelled
         just then)."""

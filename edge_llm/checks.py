@@ -52,6 +52,8 @@ SAMPLING_FIELDS: dict[str, Callable[[float], float]] = {
     "top_k": lambda v: int(in_range("top_k", v, 0, 1000)),
     "min_p": lambda v: in_range("min_p", v, 0, 1),
     "repeat_penalty": lambda v: in_range("repeat_penalty", v, 0, 2, low_open=True),
+    "presence_penalty": lambda v: in_range("presence_penalty", v, -2, 2),
+    "frequency_penalty": lambda v: in_range("frequency_penalty", v, -2, 2),
 }
 
 

@@ -29,7 +29,12 @@ def _serve_parser(
         help=f"GGUF path, or a known model: {', '.join(models.KNOWN_MODELS)} (default: {d.model})",
     )
     p.add_argument("--host", help=f"address to listen on (default: {d.host})")
-    p.add_argument("--port", type=int, help=f"port (default: {d.port}; 0 picks a free one)")
+    p.add_argument("--port", type=int, help=f"gRPC port (default: {d.port}; 0 picks a free one)")
+    p.add_argument(
+        "--http-listen",
+        help=f"host:port of the chat page and the OpenAI-style API (default: {d.http_listen}; "
+        '"" turns HTTP off)',
+    )
     p.add_argument(
         "--context-length",
         type=int,

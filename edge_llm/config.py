@@ -23,6 +23,9 @@ class Config:
     model: str = "default"
     host: str = "127.0.0.1"
     port: int = 50051
+    # The chat page, the OpenAI-style API, /health and /metrics: "host:port" (port 0 picks a
+    # free one); "" turns the HTTP side off.
+    http_listen: str = "127.0.0.1:8080"
     # Context window (prompt + answer) of each request; 0: the most the memory plan allows, up
     # to 8192 (memory.AUTO_CONTEXT).
     context_length: int = 0
@@ -84,6 +87,7 @@ class Config:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
+        self.http_address  # noqa: B018 (checked now, not at start-up)
         if self.context_overflow not in ("drop_oldest", "refuse"):
             raise ConfigError(
                 f"context_overflow must be drop_oldest or refuse, got {self.context_overflow!r}"
@@ -97,6 +101,20 @@ class Config:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """http_listen as (host, port); None when the HTTP side is off."""
+        if not self.http_listen:
+            return None
+        host, sep, port = self.http_listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(
+                f"http_listen must be host:port (e.g. 127.0.0.1:8080, [::]:8080, 0.0.0.0:0 for "
+                f"a free port) or empty to turn HTTP off; got {self.http_listen!r}"
+            )
+        return host, int(port)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -156,7 +174,8 @@ def load_config(
 
     for name, kind in types.items():
         key = f"EDGE_LLM_{name.upper()}"
-        if env.get(key):
+        # Set but empty counts for text settings ("" turns HTTP off), not for numbers.
+        if env.get(key) or (key in env and kind is str):
             values[name] = _coerce(name, kind, env[key], key)
 
     for name, value in (flags or {}).items():

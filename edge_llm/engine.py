@@ -197,6 +197,8 @@ class Engine:
             top_p=s.top_p,
             min_p=s.min_p,
             repeat_penalty=s.repeat_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
         )
         text = TextStream(request.stop)
         try:

@@ -12,9 +12,11 @@ the port closes. A second signal cuts off at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
@@ -36,6 +39,7 @@ from edge_llm.config import Config
 from edge_llm.conversations import Conversations
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.grpc_api import EdgeLLMService
+from edge_llm.http_api import build_app
 from edge_llm.kvstates import KVStates
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, ModelInfo, RuntimeInfo, Sampling
@@ -68,8 +72,11 @@ class Server:
         self.core = Appliance(self.limits, config.log_prompts)
         self.service = EdgeLLMService(self.core)
         self.health = _Health()
+        self.serving = False  # health's overall status, for HTTP's /health
         self.port = 0
+        self.http_port = 0
         self._grpc: grpc.Server | None = None
+        self._http: _HttpServer | None = None
         self._scheduler: Scheduler | None = None
         self._engine: Engine | None = None
         self._watchdog: Watchdog | None = None
@@ -102,6 +109,14 @@ class Server:
             raise OSError(f"cannot listen on {self.config.address}: in use, or not a local address")
         server.start()
         self._grpc = server
+        if (http := self.config.http_address) is not None:
+            self._http = _HttpServer(build_app(self.core, lambda: self.serving), *http)
+            self.http_port = self._http.port
+            log.info(
+                "HTTP on %s:%d: the chat page, the OpenAI-style API under /v1, /health",
+                http[0],
+                self.http_port,
+            )
         log.info(
             "listening on %s:%d (health NOT_SERVING while the model loads)",
             self.config.host,
@@ -232,6 +247,7 @@ class Server:
         log.info("model SHA-256 %s", sha)
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING and not self._stopping
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
@@ -242,6 +258,7 @@ class Server:
         scheduler = self._scheduler
         # NOT_SERVING for "" and the service, pushed to Watch streams; later set()s are ignored.
         self.health.enter_graceful_shutdown()
+        self.serving = False
         busy = 0 if scheduler is None else scheduler.waiting + (scheduler.running is not None)
         self.notifier.stopping(
             f"stopping: {busy} requests get up to {drain:g} s to finish",
@@ -264,6 +281,8 @@ class Server:
             self.core.wait_for_calls(_FLUSH_SECONDS)  # cut-off streams' last messages
         if self._grpc is not None:
             self._grpc.stop(None).wait()  # what is left: health Watch streams, probes
+        if self._http is not None:
+            self._http.stop(_FLUSH_SECONDS)
         if self._loading:  # the loader thread is using the model: the exit frees it
             log.info("stopped during the model load")
             return
@@ -368,6 +387,41 @@ def _warm_up(engine: Engine, scheduler: Scheduler) -> None:
         pass
     scheduler.recent.clear()  # the warm-up is not a request served
     scheduler.served = 0
+
+
+class _HttpServer:
+    """uvicorn on an event loop of its own, in a thread: the port is bound here, so a port in
+    use fails the start like gRPC's, and port 0 is known at once."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        try:
+            self._socket = socket.create_server(
+                (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+            )
+        except OSError as e:
+            raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            log_config=None,  # our logging, set up by the CLI
+            access_log=False,
+            lifespan="off",
+            ws="websockets-sansio",
+            ws_max_size=1024 * 1024,
+            timeout_graceful_shutdown=int(_FLUSH_SECONDS),
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._socket]))
+
+    def stop(self, timeout: float) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout + 1)
+        self._socket.close()
 
 
 class _Health(health.HealthServicer):

@@ -30,6 +30,7 @@ def own_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "STATE_DIRECTORY",
         "EDGE_LLM_STATE_DIR",
         "TMPDIR",
+        "EDGE_LLM_HTTP_LISTEN",
     )
     saved = {k: os.environ.get(k) for k in names}
     os.environ["EDGE_LLM_MODELS_DIR"] = str(models.models_dir())
@@ -39,6 +40,8 @@ def own_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     for name in ("CACHE_DIRECTORY", "STATE_DIRECTORY", "EDGE_LLM_STATE_DIR"):  # would win
         os.environ.pop(name, None)
     tempfile.tempdir = str(base / "TMPDIR")
+    # Every server a test starts, in process or not, takes a free HTTP port, not 8080.
+    os.environ["EDGE_LLM_HTTP_LISTEN"] = "127.0.0.1:0"
     yield base
     tempfile.tempdir = None
     for k, v in saved.items():

@@ -36,6 +36,7 @@ def make_config(model: Path, **overrides: object) -> Config:
         default_max_tokens=64,
         threads=2,
         state_dir=tempfile.mkdtemp(prefix="edge-llm-state-"),
+        http_listen="127.0.0.1:0",
     )
     base.update(overrides)
     return Config(**base)  # type: ignore[arg-type]
@@ -74,6 +75,7 @@ class ServeProcess:
         )
         self.lines: list[str] = []
         self._port: int | None = None
+        self.http_port: int | None = None  # once `port` is known, when HTTP is on
         self._listening = threading.Event()
         self._logged = threading.Condition()
         self._ended = False
@@ -85,6 +87,10 @@ class ServeProcess:
             with self._logged:
                 self.lines.append(line)
                 self._logged.notify_all()
+            if "HTTP on " in line and self.http_port is None:
+                self.http_port = int(
+                    line.split("HTTP on ")[1].split()[0].rstrip(":").rsplit(":", 1)[1]
+                )
             if "listening on" in line and self._port is None:
                 self._port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
                 self._listening.set()
