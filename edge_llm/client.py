@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import grpc
@@ -49,8 +50,19 @@ def _request(args: argparse.Namespace, messages: list[pb.Message]) -> pb.Generat
 
 
 def _stream(stub: pb_grpc.EdgeLLMStub, req: pb.GenerateRequest) -> tuple[str, pb.GenerateResponse]:
-    """Print the answer as it arrives; return it and the last message. Ctrl-C cancels the call."""
+    """Print the answer as it arrives; return it and the last message. Ctrl-C cancels the call
+    (then KeyboardInterrupt): from a signal handler, as grpc advises, not from an exception
+    raised somewhere inside grpc's iterator; and even when the parent ignored SIGINT (a
+    command started in the background by a script)."""
     call = stub.Generate(req)
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        call.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     parts, last = [], pb.GenerateResponse()
     try:
         for msg in call:
@@ -58,9 +70,13 @@ def _stream(stub: pb_grpc.EdgeLLMStub, req: pb.GenerateRequest) -> tuple[str, pb
             sys.stdout.flush()
             parts.append(msg.text)
             last = msg
-    except KeyboardInterrupt:
-        call.cancel()
-        raise
+    except grpc.RpcError:
+        if not interrupted:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
     if last.notice:
         print(f"\n[{last.notice}]", file=sys.stderr)
     return "".join(parts), last
@@ -89,6 +105,7 @@ def _generate(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
 
 def _chat(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
     """A conversation the server keeps (a session): each turn sends only the new message."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C quits at the prompt
     if args.session:
         session = stub.GetSession(pb.GetSessionRequest(id=args.session)).session
         for m in session.messages:

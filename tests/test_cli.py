@@ -160,6 +160,8 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
     import select
 
     # setsid --ctty makes the pty the chat's controlling terminal, so Ctrl-C on it is SIGINT.
+    # The chat hears it even when this test runs with SIGINT ignored (started with & by a
+    # script: bash then ignores SIGINT in the background job, and its children inherit that).
     # (Not pty.fork(): forking this multi-threaded, gRPC-using process is unsafe.)
     # The answer is held after a few tokens until Ctrl-C has done its work, however fast or
     # slow this machine is: the interrupt lands mid-answer.
@@ -171,6 +173,7 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
     proc = subprocess.Popen(
         [
             "setsid",
+            "--wait",  # for the chat's exit status (setsid forks: Popen made a group leader)
             "--ctty",
             *CLI,
             "chat",
@@ -191,13 +194,14 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:
 
     def read_until(needle: bytes, count: int = 1, after: int = 0) -> None:
         """Read the terminal until `needle` appears `count` times after offset `after` (an
-        empty needle: until anything does); a hang guard of minutes, not a speed limit."""
+        empty needle: until anything does); a hang guard of minutes (shorter than pytest's,
+        so a failure shows what was read), not a speed limit."""
         nonlocal out
 
         def seen() -> bool:
             return out[after:].count(needle) >= count if needle else len(out) > after
 
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 120
         while not seen():
             assert time.monotonic() < deadline, f"{needle!r} not seen in {out!r}"
             if select.select([fd], [], [], 0.1)[0]:
