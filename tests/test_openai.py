@@ -297,7 +297,6 @@ def test_a_full_queue_is_429_with_retry_after(one_slot: Server) -> None:
     base = f"http://127.0.0.1:{one_slot.http_port}/v1"
     scheduler = one_slot.core.loaded.scheduler  # type: ignore[union-attr]
     hold = Hold(scheduler, lambda job: True)
-    waiting = submissions(scheduler, 2)
     threads = [
         threading.Thread(
             target=lambda: httpx.post(f"{base}/completions", json=long_answer(max_tokens=2)),
@@ -306,9 +305,11 @@ def test_a_full_queue_is_429_with_retry_after(one_slot: Server) -> None:
         for _ in range(2)
     ]
     try:
-        for t in threads:
-            t.start()
-        assert waiting.wait(60)  # one running (held), one waiting: the queue is full
+        threads[0].start()
+        assert hold.reached.wait(60)  # one running (held)
+        waiting = submissions(scheduler, 1)
+        threads[1].start()
+        assert waiting.wait(60)  # and one waiting: the queue is full
         r = httpx.post(f"{base}/completions", json=long_answer(max_tokens=2))
         assert r.status_code == 429 and r.headers["retry-after"].isdigit()
         assert r.json()["error"]["code"] == "queue_full"
