@@ -33,6 +33,7 @@ from edge_llm.types import (
     GenerateRequest,
     ModelInfo,
     NotReadyError,
+    RequestError,
     RuntimeInfo,
     SamplingDefaults,
     Session,
@@ -169,14 +170,23 @@ class Appliance:
     def serving(self) -> bool:
         return self.loaded is not None and not self.draining
 
-    def generate(self, build: RequestBuilder, session_id: str | None, peer: str) -> Generation:
+    def generate(
+        self,
+        build: RequestBuilder,
+        session_id: str | None,
+        peer: str,
+        replace_last: bool = False,
+    ) -> Generation:
         """Admit a request: refused at once when the queue is full, then validated (`build`,
         with the session's defaults) and tokenized. In a session the session is claimed until
-        the generation ends (chunks() finishes, or cancel())."""
+        the generation ends (chunks() finishes, or cancel()); `replace_last`: the turn takes
+        the place of the session's last one."""
         received_at = time.monotonic()
         loaded = self.ready()
         loaded.scheduler.check_room()  # a full queue refuses before any work is done
         if session_id is None:
+            if replace_last:
+                raise RequestError("replace_last needs a session_id: the turn it replaces")
             req = build(None)
             with self.tokenizing.enter():
                 prompt = loaded.engine.prompt_tokens(req)
@@ -188,7 +198,7 @@ class Appliance:
         try:
             req = build(claim.session.defaults)
             with self.tokenizing.enter():
-                turn = conversations.fit(claim, req)
+                turn = conversations.fit(claim, req, replace_last)
         except BaseException:
             conversations.release(claim)
             raise
@@ -200,10 +210,22 @@ class Appliance:
         with self.tokenizing.enter():
             return engine.tokenize(text, messages)
 
-    def create_session(self, system_prompt: str, defaults: SamplingDefaults) -> Session:
-        session = self.ready().conversations.create(system_prompt, defaults)
+    def create_session(
+        self, system_prompt: str, defaults: SamplingDefaults, title: str = ""
+    ) -> Session:
+        session = self.ready().conversations.create(system_prompt, defaults, title)
         log.info("session %s created", session.id, extra={"SESSION_ID": session.id})
         return session
+
+    def update_session(
+        self,
+        session_id: str,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        defaults: SamplingDefaults | None = None,
+    ) -> Session:
+        conversations = self.ready().conversations
+        return conversations.update(session_id, title, system_prompt, defaults)
 
     def get_session(self, session_id: str) -> Session:
         return self.ready().conversations.store.get(session_id)

@@ -15,6 +15,7 @@ from edge_llm.types import ChatMessage, GenerateRequest, RequestError, Sampling,
 
 ROLES = ("system", "user", "assistant")
 MAX_PAGE_SIZE = 1000
+MAX_TITLE_BYTES = 256
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class Turn:
     prompt: list[int]
     dropped: int  # oldest messages left out so that it fits
     notice: str  # says so, for the answer's last message
+    replace_last: bool = False  # stored in place of the last turn (regenerate, edit)
 
 
 class Conversations:
@@ -72,11 +73,31 @@ class Conversations:
         self._lock = threading.Lock()
         self._expired_at = time.monotonic()
 
-    def create(self, system_prompt: str, defaults: SamplingDefaults) -> Session:
+    def create(self, system_prompt: str, defaults: SamplingDefaults, title: str = "") -> Session:
         if not self._has_chat_template:
             raise PreconditionError(
                 "sessions need a chat template, and this model has none; send raw prompts"
             )
+        self._check_system_prompt(system_prompt)
+        with self._lock:
+            busy = set(self._busy)
+        session, removed = self.store.create(system_prompt, defaults, keep=busy, title=title)
+        self._forget_all(removed)
+        return session
+
+    def update(
+        self,
+        session_id: str,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        defaults: SamplingDefaults | None = None,
+    ) -> Session:
+        """Rename, or change the system prompt or defaults: the next turn uses them."""
+        if system_prompt is not None:
+            self._check_system_prompt(system_prompt)
+        return self.store.update(session_id, title, system_prompt, defaults)
+
+    def _check_system_prompt(self, system_prompt: str) -> None:
         if system_prompt:
             tokens = len(self._tokenize(None, [ChatMessage("system", system_prompt)]))
             if tokens > self.context_length // 2:
@@ -84,11 +105,6 @@ class Conversations:
                     f"system_prompt is {tokens} tokens; at most half the {self.context_length}"
                     "-token context may go to it, the rest is for the conversation"
                 )
-        with self._lock:
-            busy = set(self._busy)
-        session, removed = self.store.create(system_prompt, defaults, keep=busy)
-        self._forget_all(removed)
-        return session
 
     def delete(self, session_id: str) -> None:
         self.store.delete(session_id)
@@ -120,7 +136,11 @@ class Conversations:
                 return False
             # Under the lock: a cancel arriving now waits, and finds the session free.
             self.store.commit_turn(
-                session_id, turn.user, ChatMessage("assistant", answer), turn.dropped
+                session_id,
+                turn.user,
+                ChatMessage("assistant", answer),
+                turn.dropped,
+                turn.replace_last,
             )
             del self._busy[session_id]
         return True
@@ -164,10 +184,11 @@ class Conversations:
         for session_id in session_ids:
             self._forget(session_id)
 
-    def fit(self, claim: Claim, request: GenerateRequest) -> Turn:
+    def fit(self, claim: Claim, request: GenerateRequest, replace_last: bool = False) -> Turn:
         """The conversation as the model will see it, with room for the answer: max_tokens, or
         a quarter of the context if that is less (a longer answer may then stop at the end
-        of the context, as it would without a session).
+        of the context, as it would without a session). To replace the last turn (regenerate
+        an answer, or edit the last question), the history leaves that turn out.
 
         When turns must go, enough go that the conversation takes at most half the context,
         if it can: the next turns then find their start unchanged, and their KV cache.
@@ -175,6 +196,10 @@ class Conversations:
         session = claim.session
         (user,) = request.messages
         history = session.messages
+        if replace_last:
+            if not history:
+                raise RequestError("replace_last: this session has no turn to replace yet")
+            history = history[:-2]  # a turn is a user message and its answer
         n_ctx = self.context_length
         room = min(request.max_tokens, n_ctx // 4)
 
@@ -210,4 +235,4 @@ class Conversations:
         )
         messages = replace(session, messages=history[drop:]).conversation(user)
         full = replace(request, messages=messages, session_id=session.id)
-        return Turn(claim, user, full, prompt, drop, notice)
+        return Turn(claim, user, full, prompt, drop, notice, replace_last)

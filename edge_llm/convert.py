@@ -85,6 +85,7 @@ def session_to_pb(session: Session) -> pb.Session:
         messages=[pb.Message(role=m.role, content=m.content) for m in session.messages],
         message_count=session.message_count,
         dropped_messages=session.dropped_messages,
+        title=session.title,
     )
     msg.create_time.FromNanoseconds(int(session.created_at * 1e9))
     msg.update_time.FromNanoseconds(int(session.updated_at * 1e9))

@@ -98,7 +98,7 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         def build(defaults: SamplingDefaults | None) -> GenerateRequest:
             return convert.generate_request_from_pb(request, self.core.limits, defaults)
 
-        generation = self.core.generate(build, session_id, context.peer())
+        generation = self.core.generate(build, session_id, context.peer(), request.replace_last)
         # The RPC-done callback: the client cancelled, went away or passed its deadline.
         if not context.add_callback(generation.cancel):
             generation.cancel()
@@ -112,9 +112,28 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     ) -> pb.CreateSessionResponse:
         limits = self.core.limits
         system_prompt = checks.size("system_prompt", request.system_prompt, limits.max_text_bytes)
+        title = checks.size("title", request.title, checks.MAX_TITLE_BYTES)
         defaults = convert.sampling_defaults_from_pb(request.defaults, limits)
-        session = self.core.create_session(system_prompt, defaults)
+        session = self.core.create_session(system_prompt, defaults, title)
         return pb.CreateSessionResponse(session=convert.session_to_pb(session))
+
+    @_rpc
+    def UpdateSession(
+        self, request: pb.UpdateSessionRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateSessionResponse:
+        limits = self.core.limits
+        title = system_prompt = defaults = None
+        if request.HasField("title"):
+            title = checks.size("title", request.title, checks.MAX_TITLE_BYTES)
+        if request.HasField("system_prompt"):
+            system_prompt = checks.size(
+                "system_prompt", request.system_prompt, limits.max_text_bytes
+            )
+        if request.HasField("defaults"):
+            defaults = convert.sampling_defaults_from_pb(request.defaults, limits)
+        session_id = checks.session_id(request.id, "id")
+        session = self.core.update_session(session_id, title, system_prompt, defaults)
+        return pb.UpdateSessionResponse(session=convert.session_to_pb(session))
 
     @_rpc
     def GetSession(

@@ -41,6 +41,7 @@ from edge_llm.types import (
 log = logging.getLogger(__name__)
 
 CLOCK_JUMP = 300.0  # seconds the wall clock may gain on the monotonic one before it was "set"
+TITLE_CHARS = 60  # a title taken from the first question is cut to this
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     defaults TEXT NOT NULL,                 -- JSON of SamplingDefaults
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    dropped_messages INTEGER NOT NULL DEFAULT 0
+    dropped_messages INTEGER NOT NULL DEFAULT 0,
+    title TEXT NOT NULL DEFAULT ''          -- given, or the start of the first question
 );
 CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (updated_at DESC, id DESC);
 CREATE TABLE IF NOT EXISTS messages (
@@ -111,6 +113,9 @@ class SessionStore:
         self._db.execute("PRAGMA synchronous = FULL")  # a turn is on disk once commit returns
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "title" not in columns:  # a store made before titles
+            self._db.execute("ALTER TABLE sessions ADD COLUMN title TEXT NOT NULL DEFAULT ''")
         (newest,) = self._db.execute("SELECT max(updated_at) FROM sessions").fetchone()
         self._clock = _Clock(newest or 0.0)
 
@@ -119,7 +124,11 @@ class SessionStore:
             self._db.close()
 
     def create(
-        self, system_prompt: str, defaults: SamplingDefaults, keep: Collection[str] = ()
+        self,
+        system_prompt: str,
+        defaults: SamplingDefaults,
+        keep: Collection[str] = (),
+        title: str = "",
     ) -> tuple[Session, list[str]]:
         """A new session; also the ids of the sessions removed to make room or idle too long
         (never those in `keep`: they are answering)."""
@@ -129,18 +138,42 @@ class SessionStore:
             with self._transaction():
                 removed = self._expire(now, room_for=1, keep=keep)
                 self._db.execute(
-                    "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (session_id, system_prompt, json.dumps(asdict(defaults)), now, now),
+                    "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at, "
+                    "title) VALUES (?, ?, ?, ?, ?, ?)",
+                    (session_id, system_prompt, json.dumps(asdict(defaults)), now, now, title),
                 )
-        return Session(session_id, system_prompt, defaults, (), 0, 0, now, now), removed
+        session = Session(session_id, system_prompt, defaults, (), 0, 0, now, now, title)
+        return session, removed
+
+    def update(
+        self,
+        session_id: str,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        defaults: SamplingDefaults | None = None,
+    ) -> Session:
+        """Change what was given (None: unchanged); the session is not counted as used."""
+        changes = {"title": title, "system_prompt": system_prompt}
+        values: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
+        if defaults is not None:
+            values["defaults"] = json.dumps(asdict(defaults))
+        if values:
+            with self._lock, self._transaction():
+                assignments = ", ".join(f"{name} = ?" for name in values)
+                updated = self._db.execute(
+                    f"UPDATE sessions SET {assignments} WHERE id = ?",
+                    (*values.values(), session_id),
+                )
+                if not updated.rowcount:
+                    raise NotFoundError(f"no session {session_id!r}")
+        return self.get(session_id)
 
     def get(self, session_id: str) -> Session:
         with self._lock:
             now = self._now()
             row = self._db.execute(
-                "SELECT id, system_prompt, defaults, created_at, updated_at, dropped_messages "
-                "FROM sessions WHERE id = ?",
+                "SELECT id, system_prompt, defaults, created_at, updated_at, dropped_messages, "
+                "title FROM sessions WHERE id = ?",
                 (session_id,),
             ).fetchone()
             if row is None or self._idle(row[4], now):
@@ -167,11 +200,12 @@ class SessionStore:
                 args.append(self._now() - self.idle_expiry_seconds)
             rows = self._db.execute(
                 "SELECT s.id, s.system_prompt, s.defaults, s.created_at, s.updated_at, "
-                "s.dropped_messages, (SELECT count(*) FROM messages m WHERE m.session_id = s.id) "
+                "s.dropped_messages, s.title, "
+                "(SELECT count(*) FROM messages m WHERE m.session_id = s.id) "
                 f"FROM sessions s {where} ORDER BY s.updated_at DESC, s.id DESC LIMIT ?",
                 (*args, page_size + 1),
             ).fetchall()
-        sessions = [_session(row[:6], (), row[6]) for row in rows[:page_size]]
+        sessions = [_session(row[:7], (), row[7]) for row in rows[:page_size]]
         more = len(rows) > page_size
         token = _encode_token(sessions[-1].updated_at, sessions[-1].id) if more else ""
         return sessions, token
@@ -182,12 +216,19 @@ class SessionStore:
                 raise NotFoundError(f"no session {session_id!r}")
 
     def commit_turn(
-        self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int = 0
+        self,
+        session_id: str,
+        user: ChatMessage,
+        answer: ChatMessage,
+        drop: int = 0,
+        replace_last: bool = False,
     ) -> None:
-        """Store a finished turn, after dropping the `drop` oldest messages: all or nothing.
-        On a full disk, make_room() first (caches are worth less than a turn), then again."""
+        """Store a finished turn, after dropping the `drop` oldest messages (and, to replace
+        it, the last turn): all or nothing. On a full disk, make_room() first (caches are
+        worth less than a turn), then again."""
+        turn = _Turn(user, answer, drop, replace_last)
         try:
-            self._commit_turn(session_id, user, answer, drop)
+            self._commit_turn(session_id, turn)
             return
         except sqlite3.OperationalError as e:
             if "full" not in str(e):  # SQLITE_FULL: "database or disk is full"
@@ -198,7 +239,7 @@ class SessionStore:
                 freed / 2**20,
             )
             try:
-                self._commit_turn(session_id, user, answer, drop)
+                self._commit_turn(session_id, turn)
                 return
             except sqlite3.OperationalError as e:
                 if "full" not in str(e):
@@ -208,20 +249,23 @@ class SessionStore:
             "kept; free some space there, or delete old sessions"
         )
 
-    def _commit_turn(
-        self, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
-    ) -> None:
+    def _commit_turn(self, session_id: str, turn: _Turn) -> None:
         with self._lock:
             now = self._now()
-            self._store_turn(now, session_id, user, answer, drop)
+            self._store_turn(now, session_id, turn)
 
-    def _store_turn(
-        self, now: float, session_id: str, user: ChatMessage, answer: ChatMessage, drop: int
-    ) -> None:
+    def _store_turn(self, now: float, session_id: str, turn: _Turn) -> None:
+        user, answer, drop = turn.user, turn.answer, turn.drop
         with self._transaction():
             exists = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,))
             if exists.fetchone() is None:
                 raise NotFoundError(f"session {session_id} was deleted during the answer")
+            if turn.replace_last:  # the last user message and its answer
+                self._db.execute(
+                    "DELETE FROM messages WHERE session_id = ? AND seq >= (SELECT max(seq) - 1 "
+                    "FROM messages WHERE session_id = ?)",
+                    (session_id, session_id),
+                )
             if drop:
                 self._db.execute(
                     "DELETE FROM messages WHERE session_id = ? AND seq IN (SELECT seq FROM "
@@ -240,9 +284,9 @@ class SessionStore:
                 ],
             )
             self._db.execute(
-                "UPDATE sessions SET updated_at = ?, dropped_messages = dropped_messages + ? "
-                "WHERE id = ?",
-                (now, drop, session_id),
+                "UPDATE sessions SET updated_at = ?, dropped_messages = dropped_messages + ?, "
+                "title = CASE title WHEN '' THEN ? ELSE title END WHERE id = ?",
+                (now, drop, _title(user.content), session_id),
             )
 
     def expire(self, keep: Collection[str] = ()) -> builtins.list[str]:
@@ -368,8 +412,24 @@ class _Reading:
     jump: float
 
 
+@dataclass(frozen=True)
+class _Turn:
+    user: ChatMessage
+    answer: ChatMessage
+    drop: int
+    replace_last: bool
+
+
+def _title(question: str) -> str:
+    """A title from a conversation's first question: its first line, cut at a word."""
+    line = " ".join(question.split("\n", 1)[0].split())
+    if len(line) <= TITLE_CHARS:
+        return line
+    return line[:TITLE_CHARS].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
+
+
 def _session(row: tuple[Any, ...], messages: tuple[ChatMessage, ...], count: int) -> Session:
-    session_id, system_prompt, defaults, created_at, updated_at, dropped = row
+    session_id, system_prompt, defaults, created_at, updated_at, dropped, title = row
     values = json.loads(defaults)
     values["stop"] = tuple(values.get("stop", ()))
     return Session(
@@ -381,6 +441,7 @@ def _session(row: tuple[Any, ...], messages: tuple[ChatMessage, ...], count: int
         dropped,
         created_at,
         updated_at,
+        title,
     )
 
 

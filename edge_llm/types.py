@@ -140,6 +140,7 @@ class Session:
     dropped_messages: int  # dropped from the start so the conversation fits the context
     created_at: float  # Unix time
     updated_at: float
+    title: str = ""  # given, or the start of the first question
 
     def conversation(self, new: ChatMessage | None = None) -> tuple[ChatMessage, ...]:
         """What the model sees: the system prompt (if any), the history, the new message."""

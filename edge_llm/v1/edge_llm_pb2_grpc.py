@@ -70,6 +70,11 @@ class EdgeLLMStub:
                 request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.UpdateSession = channel.unary_unary(
+                '/edge_llm.v1.EdgeLLM/UpdateSession',
+                request_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.UpdateSessionRequest.SerializeToString,
+                response_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.UpdateSessionResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeLLMServicer:
@@ -126,6 +131,14 @@ class EdgeLLMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateSession(self, request, context):
+        """UpdateSession renames a session or changes its system prompt or defaults; the next turn
+        uses them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeLLMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +176,11 @@ def add_EdgeLLMServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionRequest.FromString,
                     response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'UpdateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSession,
+                    request_deserializer=edge__llm_dot_v1_dot_edge__llm__pb2.UpdateSessionRequest.FromString,
+                    response_serializer=edge__llm_dot_v1_dot_edge__llm__pb2.UpdateSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +373,33 @@ class EdgeLLM:
             '/edge_llm.v1.EdgeLLM/DeleteSession',
             edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionRequest.SerializeToString,
             edge__llm_dot_v1_dot_edge__llm__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_llm.v1.EdgeLLM/UpdateSession',
+            edge__llm_dot_v1_dot_edge__llm__pb2.UpdateSessionRequest.SerializeToString,
+            edge__llm_dot_v1_dot_edge__llm__pb2.UpdateSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
