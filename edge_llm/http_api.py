@@ -1,5 +1,7 @@
 """The HTTP side: one Starlette app over the appliance (appliance.py), beside the gRPC skin.
 
+    /                                                   the chat page (page_api.py)
+    /api/...                                            its sessions API and WebSocket
     /v1/chat/completions, /v1/completions, /v1/models   the OpenAI-style API (openai_api.py)
     /health                                             200 serving, 503 otherwise
 
@@ -23,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edge_llm.appliance import Appliance
 from edge_llm.http_base import STATUS, domain_error, http_error
 from edge_llm.openai_api import OpenAIRoutes
+from edge_llm.page_api import PageRoutes
 
 
 class _Counted:
@@ -53,7 +56,11 @@ def build_app(core: Appliance, serving: Callable[[], bool]) -> ASGIApp:
     handlers[HTTPException] = http_error
     handlers[Exception] = domain_error  # a 500 with an error object, and a logged trace
     app = Starlette(
-        routes=[*OpenAIRoutes(core).routes(), Route("/health", health, methods=["GET"])],
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            *OpenAIRoutes(core).routes(),
+            *PageRoutes(core).routes(),  # last: the page's files answer every other path
+        ],
         exception_handlers=handlers,
     )
     return _Counted(app, core)

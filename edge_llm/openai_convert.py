@@ -85,7 +85,7 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         raise RequestError("best_of must be 1: this server makes one answer per request")
 
 
-def _given(body: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+def given_fields(body: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
     """The generation fields the client set, as checks.request() takes them."""
     present = {k for k, v in body.items() if v is not None}
     given: dict[str, Any] = {n: _number(body, n) for n in _NUMBERS if n in present}
@@ -157,7 +157,13 @@ def chat_request(
         raise RequestError("messages is empty; send at least one message")
     _, chat = checks.text_or_messages("", messages, "prompt", limits)
     return checks.request(
-        None, chat, _given(body, limits), limits, defaults, session_id(body), _ignore_eos(body)
+        None,
+        chat,
+        given_fields(body, limits),
+        limits,
+        defaults,
+        session_id(body),
+        _ignore_eos(body),
     )
 
 
@@ -175,7 +181,9 @@ def completion_request(body: Mapping[str, Any], limits: Limits) -> GenerateReque
     if body.get("session_id"):
         raise RequestError("session_id is for /v1/chat/completions, not /v1/completions")
     text, _ = checks.text_or_messages(prompt, [], "prompt", limits)
-    return checks.request(text, (), _given(body, limits), limits, ignore_eos=_ignore_eos(body))
+    return checks.request(
+        text, (), given_fields(body, limits), limits, ignore_eos=_ignore_eos(body)
+    )
 
 
 def _ignore_eos(body: Mapping[str, Any]) -> bool:
