@@ -19,13 +19,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge_llm.appliance import Appliance
 from edge_llm.http_base import STATUS, domain_error, http_error
 from edge_llm.openai_api import OpenAIRoutes
-from edge_llm.page_api import PageRoutes
+from edge_llm.page_api import PageRoutes, page
 
 
 class _Counted:
@@ -58,8 +58,9 @@ def build_app(core: Appliance, serving: Callable[[], bool]) -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
-            *OpenAIRoutes(core).routes(),
-            *PageRoutes(core).routes(),  # last: the page's files answer every other path
+            Mount("/v1", routes=OpenAIRoutes(core).routes()),
+            Mount("/api", routes=PageRoutes(core).routes()),
+            Mount("/", page()),  # last: the page's files answer every other path
         ],
         exception_handlers=handlers,
     )

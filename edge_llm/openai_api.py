@@ -68,11 +68,12 @@ class OpenAIRoutes:
         self.core = core
 
     def routes(self) -> list[Route]:
+        """Under /v1."""
         return [
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/completions", self.completions, methods=["POST"]),
+            Route("/models", self.models, methods=["GET"]),
+            Route("/models/{model:path}", self.model, methods=["GET"]),
         ]
 
     async def _admit(

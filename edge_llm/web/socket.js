@@ -63,6 +63,11 @@ export class ChatSocket {
     this.connect();
   }
 
+  /** Drop the connection (the server cancels what it was running) and reconnect. */
+  reset() {
+    this.ws?.close(4000, 'reset by the page');
+  }
+
   /** Send a JSON frame; false when the socket is not open. */
   send(frame) {
     if (!this.isOpen) return false;
