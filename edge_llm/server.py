@@ -53,7 +53,11 @@ _SPARE_HANDLER_THREADS = 8  # GetInfo, sessions, and refusing calls beyond the b
 _REFLECTION_STREAMS = 4  # each holds a handler thread while it is open, idle or not
 # Health checks have threads of their own: no other call can keep a probe waiting.
 _HEALTH_THREADS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
-_FLUSH_SECONDS = 3.0  # for cut-off streams to send their last message
+# Bounds on the steps of a stop, each ended early by what it waits for: the worker leaving the
+# engine once its job is cancelled (one token or prompt batch), then the cut-off streams'
+# last messages going out (their handler threads may be slow to run on a busy board).
+_WORKER_STOP_SECONDS = 3.0
+_FLUSH_SECONDS = 10.0
 
 
 class Server:
@@ -262,7 +266,7 @@ class Server:
         busy = 0 if scheduler is None else scheduler.waiting + (scheduler.running is not None)
         self.notifier.stopping(
             f"stopping: {busy} requests get up to {drain:g} s to finish",
-            drain + 2 * _FLUSH_SECONDS + 5,  # cut-off streams' last messages, freeing the model
+            drain + _WORKER_STOP_SECONDS + 3 * _FLUSH_SECONDS + 5,  # the steps after the drain
         )
         log.info("stopping: %d requests get up to %g s to finish", busy, drain)
         # The port stays open while draining, so health checks see NOT_SERVING (and clients
@@ -276,7 +280,7 @@ class Server:
             engine_free = scheduler.close(
                 notice=f"the server is shutting down and cut this answer off after a {drain:g} s "
                 "grace period; send the request again (to another server, or once it is back)",
-                timeout=_FLUSH_SECONDS,
+                timeout=_WORKER_STOP_SECONDS,
             )
             self.core.wait_for_calls(_FLUSH_SECONDS)  # cut-off streams' last messages
         if self._grpc is not None:

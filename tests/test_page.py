@@ -12,11 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from helpers import Hold, start_server
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from edge_llm.server import Server
-
-playwright = pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WAIT = 60_000  # ms: a hang guard for the slowest machine, not a speed limit
