@@ -26,6 +26,7 @@ from edge_llm.admission import Gate, Job, Scheduler
 from edge_llm.checks import Limits
 from edge_llm.conversations import Conversations, Turn
 from edge_llm.memory import MemoryPlan
+from edge_llm.metrics import Live, Metrics
 from edge_llm.types import (
     ChatMessage,
     Chunk,
@@ -68,10 +69,15 @@ class Generation:
     """One admitted request: chunks() submits it and streams the answer; cancel() from the
     skin when its client is gone."""
 
-    def __init__(self, loaded: Loaded, job: Job, turn: Turn | None, log_prompts: bool) -> None:
+    def __init__(
+        self, core: Appliance, loaded: Loaded, job: Job, turn: Turn | None, api: str
+    ) -> None:
         self.job, self.turn = job, turn
         self._loaded = loaded
-        self._log_prompts = log_prompts
+        self._core = core
+        self._api = api  # for the metrics: which skin it came through
+        self._counted = False
+        self._streamed = False  # chunks() has begun
 
     @property
     def session_id(self) -> str | None:
@@ -82,6 +88,7 @@ class Generation:
         is stored before the last chunk is handed out (TurnNotKeptError if it was cancelled
         just then)."""
         loaded, job, turn = self._loaded, self.job, self.turn
+        self._streamed = True
         try:
             loaded.scheduler.submit(job)
             self._log_queued()
@@ -95,8 +102,11 @@ class Generation:
                             "the answer was cancelled as it finished, and not kept; send it again"
                         )
                     chunk = replace(chunk, notice=turn.notice)
+                if chunk.finish_reason is not None:
+                    self._count(chunk)
                 yield chunk
         finally:
+            self._count(None)
             if turn is not None:
                 loaded.conversations.release(turn.claim)
 
@@ -107,6 +117,21 @@ class Generation:
         self._loaded.scheduler.cancel(self.job)
         if self.turn is not None:
             self._loaded.conversations.release_soon(self.turn.claim)
+        if not self._streamed:
+            self._count(None)  # chunks() never ran: it counts nothing
+
+    def _count(self, last: Chunk | None) -> None:
+        """Once per generation: how it ended (None: without its last chunk read)."""
+        if self._counted:
+            return
+        self._counted = True
+        metrics = self._core.metrics
+        if last is not None:
+            metrics.finished(self._api, last)
+        elif self.job.cancelled.is_set():
+            metrics.requests.labels(self._api, "cancelled").inc()
+        else:
+            metrics.ended_without_answer(self._api, refused=False)
 
     def _log_queued(self) -> None:
         job = self.job
@@ -124,7 +149,7 @@ class Generation:
             job.peer,
             extra=fields,
         )
-        if self._log_prompts:
+        if self._core.log_prompts:
             req = job.request
             text = req.prompt or "\n".join(f"{m.role}: {m.content}" for m in req.messages)
             log.info("request %d prompt: %s", job.id, text, extra={**fields, "PROMPT": text})
@@ -140,6 +165,8 @@ class Appliance:
         self._calls_changed = threading.Condition()
         # Rendering and tokenizing a prompt (Generate) or a text (Tokenize), up to 1 MiB.
         self.tokenizing = Gate(TOKENIZERS, limits.queue_depth, "tokenizations")
+        self.metrics = Metrics()
+        self.metrics.watch(self._live)
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
@@ -172,15 +199,31 @@ class Appliance:
 
     def generate(
         self,
+        api: str,
         build: RequestBuilder,
         session_id: str | None,
         peer: str,
         replace_last: bool = False,
     ) -> Generation:
-        """Admit a request: refused at once when the queue is full, then validated (`build`,
-        with the session's defaults) and tokenized. In a session the session is claimed until
-        the generation ends (chunks() finishes, or cancel()); `replace_last`: the turn takes
-        the place of the session's last one."""
+        """Admit a request that came through `api` (grpc, openai, page): refused at once when
+        the queue is full, then validated (`build`, with the session's defaults) and
+        tokenized. In a session the session is claimed until the generation ends (chunks()
+        finishes, or cancel()); `replace_last`: the turn takes the place of the session's
+        last one."""
+        try:
+            return self._admit(api, build, session_id, peer, replace_last)
+        except Exception:
+            self.metrics.ended_without_answer(api, refused=True)
+            raise
+
+    def _admit(
+        self,
+        api: str,
+        build: RequestBuilder,
+        session_id: str | None,
+        peer: str,
+        replace_last: bool,
+    ) -> Generation:
         received_at = time.monotonic()
         loaded = self.ready()
         loaded.scheduler.check_room()  # a full queue refuses before any work is done
@@ -190,9 +233,8 @@ class Appliance:
             req = build(None)
             with self.tokenizing.enter():
                 prompt = loaded.engine.prompt_tokens(req)
-            return Generation(
-                loaded, Job(req, prompt, received_at=received_at, peer=peer), None, self.log_prompts
-            )
+            job = Job(req, prompt, received_at=received_at, peer=peer)
+            return Generation(self, loaded, job, None, api)
         conversations = loaded.conversations
         claim = conversations.claim(session_id)  # busy first, then read
         try:
@@ -203,7 +245,7 @@ class Appliance:
             conversations.release(claim)
             raise
         job = Job(turn.request, turn.prompt, received_at=received_at, peer=peer)
-        return Generation(loaded, job, turn, self.log_prompts)
+        return Generation(self, loaded, job, turn, api)
 
     def tokenize(self, text: str | None, messages: tuple[ChatMessage, ...]) -> list[int]:
         engine = self.ready().engine
@@ -236,6 +278,19 @@ class Appliance:
     def delete_session(self, session_id: str) -> None:
         self.ready().conversations.delete(session_id)
         log.info("session %s deleted", session_id, extra={"SESSION_ID": session_id})
+
+    def _live(self) -> Live | None:
+        loaded = self.loaded
+        if loaded is None:
+            return None
+        scheduler, memory = loaded.scheduler, loaded.memory
+        return Live(
+            waiting=scheduler.waiting,
+            running=int(scheduler.running is not None),
+            sessions=loaded.conversations.store.count(),
+            memory_budget_bytes=memory.budget,
+            memory_planned_bytes=memory.total,
+        )
 
     def set_model_sha256(self, sha256: str) -> None:
         if self.loaded is not None:

@@ -98,7 +98,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         def build(defaults: SamplingDefaults | None) -> GenerateRequest:
             return convert.generate_request_from_pb(request, self.core.limits, defaults)
 
-        generation = self.core.generate(build, session_id, context.peer(), request.replace_last)
+        generation = self.core.generate(
+            "grpc", build, session_id, context.peer(), request.replace_last
+        )
         # The RPC-done callback: the client cancelled, went away or passed its deadline.
         if not context.add_callback(generation.cancel):
             generation.cancel()

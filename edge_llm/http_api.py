@@ -4,6 +4,7 @@
     /api/...                                            its sessions API and WebSocket
     /v1/chat/completions, /v1/completions, /v1/models   the OpenAI-style API (openai_api.py)
     /health                                             200 serving, 503 otherwise
+    /metrics                                            Prometheus text (metrics.py)
 
 The appliance is blocking (threads, locks, llama.cpp): admitting a request and reading each
 chunk run on worker threads, the event loop only moves bytes. Every request is counted by the
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from anyio.to_thread import run_sync
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -50,6 +53,9 @@ def build_app(core: Appliance, serving: Callable[[], bool]) -> ASGIApp:
         ok = serving()
         return JSONResponse({"status": "serving" if ok else "not_serving"}, 200 if ok else 503)
 
+    async def metrics(request: Request) -> Response:
+        return Response(await run_sync(core.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
+
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         kind: domain_error for kind, *_ in STATUS
     }
@@ -58,6 +64,7 @@ def build_app(core: Appliance, serving: Callable[[], bool]) -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Mount("/v1", routes=OpenAIRoutes(core).routes()),
             Mount("/api", routes=PageRoutes(core).routes()),
             Mount("/", page()),  # last: the page's files answer every other path

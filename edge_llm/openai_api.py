@@ -83,7 +83,7 @@ class OpenAIRoutes:
         session_id: str | None,
     ) -> Generation:
         peer = f"http:{request.client.host}:{request.client.port}" if request.client else "http"
-        return await run_sync(self.core.generate, build, session_id, peer)
+        return await run_sync(self.core.generate, "openai", build, session_id, peer)
 
     async def chat_completions(self, request: Request) -> Response:
         limits = self.core.limits

@@ -296,7 +296,9 @@ class _ChatSocket:
         def build(defaults: SamplingDefaults | None) -> Any:
             return checks.request(None, user, given, limits, defaults, session_id)
 
-        return await run_sync(self.core.generate, build, session_id, self.peer, replace_last)
+        return await run_sync(
+            self.core.generate, "page", build, session_id, self.peer, replace_last
+        )
 
     async def _error(self, e: Exception) -> None:
         status, body, headers = error_status(e)

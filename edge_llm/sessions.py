@@ -210,6 +210,11 @@ class SessionStore:
         token = _encode_token(sessions[-1].updated_at, sessions[-1].id) if more else ""
         return sessions, token
 
+    def count(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
+        return int(n)
+
     def delete(self, session_id: str) -> None:
         with self._lock, self._transaction():
             if not self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount:

@@ -363,3 +363,39 @@ def test_langchain_openai(base: str) -> None:
     llm = ChatOpenAI(base_url=base, api_key="unused", model="any", max_tokens=8, max_retries=0)
     assert llm.invoke("Say hello.").content
     assert "".join(str(part.content) for part in llm.stream("Say hello."))
+
+
+def test_metrics_count_both_apis(client: openai.OpenAI, base: str, server: Server) -> None:
+    def scrape() -> dict[str, float]:
+        text = httpx.get(base.removesuffix("/v1") + "/metrics").text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("edge_llm_")
+        }
+
+    before = scrape()
+    client.completions.create(
+        model="any", prompt="x", max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        list(
+            pb_grpc.EdgeLLMStub(ch).Generate(
+                pb.GenerateRequest(prompt="y", max_tokens=2, ignore_eos=True)
+            )
+        )
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="any", prompt="x", temperature=9)
+    after = scrape()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew('edge_llm_requests_total{api="openai",outcome="length"}') == 1
+    assert grew('edge_llm_requests_total{api="grpc",outcome="length"}') == 1
+    assert grew('edge_llm_requests_total{api="openai",outcome="refused"}') == 1
+    assert grew("edge_llm_completion_tokens_total") == 5
+    assert grew("edge_llm_time_to_first_token_seconds_count") == 2
+    for gauge in ("queue_waiting", "queue_running", "sessions", "memory_budget_bytes"):
+        assert f"edge_llm_{gauge}" in after
+    assert after["edge_llm_process_resident_memory_bytes"] > 50e6
