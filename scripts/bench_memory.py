@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python scripts/bench_memory.py [--model NAME|PATH]
 Starts `edge-llm serve` for each context size, fills most of the context with one request (so
-the KV cache and compute buffer are touched), and reads VmHWM from /proc.
+the KV cache and compute buffer are touched; it streams over the OpenAI-style HTTP API, so both
+the gRPC and the HTTP stack are resident), and reads VmHWM from /proc.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import httpx
 
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
@@ -35,20 +37,25 @@ def measure(model: str, context: int, port: int) -> str:
         str(context),
         "--log-level",
         "info",
+        "--http-listen",
+        "127.0.0.1:0",
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
+        http = ""
         while "ready" not in (line := proc.stderr.readline()):
             if not line:
                 raise SystemExit("the server died; run the command by hand to see why")
+            if "HTTP on " in line:
+                http = line.split("HTTP on ")[1].split()[0].rstrip(":")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.EdgeLLMStub(channel)
             plan = stub.GetInfo(pb.GetInfoRequest()).memory
             words = " ".join(f"w{i}" for i in range(context // 5))
             prompt = stub.Tokenize(pb.TokenizeRequest(text=words)).count
-            for _ in stub.Generate(
-                pb.GenerateRequest(prompt=words, max_tokens=32, ignore_eos=True)
-            ):
+        body = {"prompt": words, "max_tokens": 32, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://{http}/v1/completions", json=body, timeout=600) as r:
+            for _ in r.iter_lines():
                 pass
         status = Path(f"/proc/{proc.pid}/status").read_text()
     finally:
