@@ -564,3 +564,35 @@ def test_a_slow_commit_does_not_freeze_other_calls(tiny_model: Path) -> None:
             say(stub, b, "Hello again")  # b was freed once the commit was done
     finally:
         srv.stop(drain=0)
+
+
+def test_update_session_and_replace_last_over_grpc(stub: pb_grpc.EdgeLLMStub) -> None:
+    made = stub.CreateSession(pb.CreateSessionRequest(title="Tides")).session
+    assert made.title == "Tides"
+    renamed = stub.UpdateSession(
+        pb.UpdateSessionRequest(id=made.id, title="Harbours", system_prompt="Be brief.")
+    ).session
+    assert (renamed.title, renamed.system_prompt) == ("Harbours", "Be brief.")
+    kept = stub.UpdateSession(pb.UpdateSessionRequest(id=made.id)).session  # nothing set
+    assert (kept.title, kept.system_prompt) == ("Harbours", "Be brief.")
+
+    def turn(content: str, replace_last: bool = False) -> str:
+        request = pb.GenerateRequest(
+            session_id=made.id, max_tokens=4, temperature=0, replace_last=replace_last
+        )
+        request.messages.add(role="user", content=content)
+        return "".join(m.text for m in stub.Generate(request))
+
+    first = turn("One.")
+    turn("Two.")
+    again = turn("Two, again.", replace_last=True)
+    got = stub.GetSession(pb.GetSessionRequest(id=made.id)).session
+    assert [(m.role, m.content) for m in got.messages] == [
+        ("user", "One."),
+        ("assistant", first),
+        ("user", "Two, again."),
+        ("assistant", again),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateSession(pb.UpdateSessionRequest(id="0" * 32, title="x"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
