@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import Hold, start_server
+from helpers import Hold, make_config, start_server, submissions
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from edge_llm.server import Server
@@ -41,7 +42,9 @@ def browser() -> Iterator[Browser]:
 class Watched:
     """A page and what it did: console errors, uncaught exceptions, every URL it asked for."""
 
-    def __init__(self, browser: Browser, base: str, **context: Any) -> None:
+    def __init__(
+        self, browser: Browser, base: str, wait_for_socket: bool = True, **context: Any
+    ) -> None:
         self.context = browser.new_context(**context)
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -52,7 +55,8 @@ class Watched:
         self.page.on("websocket", lambda ws: self.urls.append(ws.url))
         self.base = base
         self.page.goto(base)
-        expect(self.page.locator("#conn-state")).to_have_attribute("data-state", "open")
+        if wait_for_socket:
+            expect(self.page.locator("#conn-state")).to_have_attribute("data-state", "open")
 
     def check_clean(self) -> None:
         assert not self.errors
@@ -95,10 +99,13 @@ def test_a_person_chats_and_the_answer_types_itself_out(
     expect(page.get_by_role("button", name="New chat", exact=True)).to_be_visible()
     expect(page.get_by_role("navigation", name="Conversations")).to_be_visible()
     # Every text the answer shows while it streams: several partial renders, not one block.
+    # Every text the answer shows while it streams (several partial renders, not one block),
+    # and when each repaint came (at most one per 50 ms, not one per token).
     page.evaluate(
-        """() => { window.seen = new Set();
+        """() => { window.seen = new Set(); window.paints = [];
         new MutationObserver(() => { const a = document.getElementById('live-answer');
-          if (a) window.seen.add(a.textContent.length); })
+          if (a && !window.seen.has(a.textContent.length)) {
+            window.seen.add(a.textContent.length); window.paints.push(performance.now()); } })
         .observe(document.getElementById('messages'), {childList: true, subtree: true,
                                                         characterData: true}); }"""
     )
@@ -108,6 +115,8 @@ def test_a_person_chats_and_the_answer_types_itself_out(
     ask(page, CODE_QUESTION)
     answered(page)
     assert len(page.evaluate("[...window.seen].filter(n => n > 0)")) >= 3
+    paints = page.evaluate("window.paints")
+    assert len(paints) <= (paints[-1] - paints[0]) / 50 + 2  # throttled
     code = page.locator(".codeblock code.hljs")
     expect(code.first).to_be_visible()
     assert page.locator(".codeblock code.hljs .hljs-keyword").count() > 0  # highlighted
@@ -197,3 +206,50 @@ def test_a_phone_sized_screen_in_the_dark(browser: Browser, web: Server) -> None
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
     w.check_clean()
     w.context.close()
+
+
+def test_loading_busy_and_gone_are_said_plainly(browser: Browser, tiny_model: Path) -> None:
+    """503 while the model loads, 429 when the queue is full, and a server that went away:
+    each is a plain message with a retry, and the page recovers on its own."""
+    srv = Server(make_config(tiny_model, queue_depth=1))
+    srv.start()  # listening, the model not loaded yet
+    try:
+        w = Watched(browser, f"http://127.0.0.1:{srv.http_port}/", wait_for_socket=False)
+        page, banner = w.page, w.page.locator("#banner")
+        expect(banner).to_contain_text("loading", timeout=WAIT)
+        srv.load()
+        expect(banner).to_be_hidden(timeout=WAIT)  # it retried by itself (Retry-After: 1)
+
+        scheduler = srv.core.loaded.scheduler  # type: ignore[union-attr]
+        hold = Hold(scheduler, lambda job: True)
+        url = f"http://127.0.0.1:{srv.http_port}/v1/completions"
+        body = {"prompt": "x", "max_tokens": 2}
+        fillers = [threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body})]
+        fillers.append(threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body}))
+        try:
+            fillers[0].start()
+            assert hold.reached.wait(60)  # one running
+            waiting = submissions(scheduler, 1)
+            fillers[1].start()
+            assert waiting.wait(60)  # one waiting: the queue is full
+            ask(page, "Hi")
+            expect(banner).to_contain_text("busy", timeout=WAIT)
+            expect(page.get_by_role("button", name="Retry", exact=True)).to_be_visible()
+        finally:
+            hold.release()
+        for t in fillers:
+            t.join(60)
+        answered(page)  # the page retried after Retry-After, and the answer came
+        expect(banner).to_be_hidden()
+
+        srv.stop(drain=0)
+        expect(banner).to_contain_text(re.compile("restarting|reach"), timeout=WAIT)
+        expect(page.get_by_role("button", name="Retry", exact=True)).to_be_visible()
+        # The browser itself logs each refused request (503, the socket to a stopped server).
+        expected = ("Failed to load resource", "WebSocket", "ERR_CONNECTION")
+        w.errors = [e for e in w.errors if not any(x in e for x in expected)]
+        w.check_clean()
+        w.context.close()
+    finally:
+        if not srv._stopping:
+            srv.stop(drain=0)
