@@ -38,6 +38,7 @@ from edge_llm.types import (
     RuntimeInfo,
     SamplingDefaults,
     Session,
+    SessionChanges,
     TurnNotKeptError,
 )
 
@@ -259,15 +260,8 @@ class Appliance:
         log.info("session %s created", session.id, extra={"SESSION_ID": session.id})
         return session
 
-    def update_session(
-        self,
-        session_id: str,
-        title: str | None = None,
-        system_prompt: str | None = None,
-        defaults: SamplingDefaults | None = None,
-    ) -> Session:
-        conversations = self.ready().conversations
-        return conversations.update(session_id, title, system_prompt, defaults)
+    def update_session(self, session_id: str, changes: SessionChanges) -> Session:
+        return self.ready().conversations.update(session_id, changes)
 
     def get_session(self, session_id: str) -> Session:
         return self.ready().conversations.store.get(session_id)

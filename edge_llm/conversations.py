@@ -27,6 +27,7 @@ from edge_llm.types import (
     RequestError,
     SamplingDefaults,
     Session,
+    SessionChanges,
 )
 
 Tokenize = Callable[[None, Sequence[ChatMessage]], list[int]]
@@ -85,17 +86,11 @@ class Conversations:
         self._forget_all(removed)
         return session
 
-    def update(
-        self,
-        session_id: str,
-        title: str | None = None,
-        system_prompt: str | None = None,
-        defaults: SamplingDefaults | None = None,
-    ) -> Session:
+    def update(self, session_id: str, changes: SessionChanges) -> Session:
         """Rename, or change the system prompt or defaults: the next turn uses them."""
-        if system_prompt is not None:
-            self._check_system_prompt(system_prompt)
-        return self.store.update(session_id, title, system_prompt, defaults)
+        if changes.system_prompt is not None:
+            self._check_system_prompt(changes.system_prompt)
+        return self.store.update(session_id, changes)
 
     def _check_system_prompt(self, system_prompt: str) -> None:
         if system_prompt:

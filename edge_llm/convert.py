@@ -22,6 +22,7 @@ from edge_llm.types import (
     RuntimeInfo,
     SamplingDefaults,
     Session,
+    SessionChanges,
 )
 from edge_llm.v1 import edge_llm_pb2 as pb
 
@@ -70,6 +71,19 @@ def sampling_defaults_from_pb(msg: pb.SamplingDefaults, limits: Limits) -> Sampl
     if msg.stop:
         given["stop"] = list(msg.stop)
     return checks.sampling_defaults(given, limits)
+
+
+def session_changes_from_pb(msg: pb.UpdateSessionRequest, limits: Limits) -> SessionChanges:
+    def text(name: str, limit: int) -> str | None:
+        return checks.size(name, getattr(msg, name), limit) if msg.HasField(name) else None
+
+    return SessionChanges(
+        title=text("title", checks.MAX_TITLE_BYTES),
+        system_prompt=text("system_prompt", limits.max_text_bytes),
+        defaults=sampling_defaults_from_pb(msg.defaults, limits)
+        if msg.HasField("defaults")
+        else None,
+    )
 
 
 def sampling_defaults_to_pb(d: SamplingDefaults) -> pb.SamplingDefaults:

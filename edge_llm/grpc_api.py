@@ -123,18 +123,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: grpc.ServicerContext
     ) -> pb.UpdateSessionResponse:
-        limits = self.core.limits
-        title = system_prompt = defaults = None
-        if request.HasField("title"):
-            title = checks.size("title", request.title, checks.MAX_TITLE_BYTES)
-        if request.HasField("system_prompt"):
-            system_prompt = checks.size(
-                "system_prompt", request.system_prompt, limits.max_text_bytes
-            )
-        if request.HasField("defaults"):
-            defaults = convert.sampling_defaults_from_pb(request.defaults, limits)
         session_id = checks.session_id(request.id, "id")
-        session = self.core.update_session(session_id, title, system_prompt, defaults)
+        changes = convert.session_changes_from_pb(request, self.core.limits)
+        session = self.core.update_session(session_id, changes)
         return pb.UpdateSessionResponse(session=convert.session_to_pb(session))
 
     @_rpc

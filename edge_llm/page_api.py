@@ -46,6 +46,7 @@ from edge_llm.types import (
     RequestError,
     SamplingDefaults,
     Session,
+    SessionChanges,
 )
 
 WEB_DIR = Path(str(files("edge_llm") / "web"))
@@ -156,13 +157,12 @@ class PageRoutes:
         limits = self.core.limits
         session_id = checks.session_id(request.path_params["id"], "id")
         body = await json_body(request, limits.max_request_bytes)
-        session = await run_sync(
-            self.core.update_session,
-            session_id,
-            _text(body, "title", checks.MAX_TITLE_BYTES),
-            _text(body, "system_prompt", limits.max_text_bytes),
-            _defaults(body, limits),
+        changes = SessionChanges(
+            title=_text(body, "title", checks.MAX_TITLE_BYTES),
+            system_prompt=_text(body, "system_prompt", limits.max_text_bytes),
+            defaults=_defaults(body, limits),
         )
+        session = await run_sync(self.core.update_session, session_id, changes)
         return JSONResponse(session_json(session))
 
     async def delete_session(self, request: Request) -> Response:

@@ -35,6 +35,7 @@ from edge_llm.types import (
     RequestError,
     SamplingDefaults,
     Session,
+    SessionChanges,
     StorageFullError,
 )
 
@@ -145,18 +146,12 @@ class SessionStore:
         session = Session(session_id, system_prompt, defaults, (), 0, 0, now, now, title)
         return session, removed
 
-    def update(
-        self,
-        session_id: str,
-        title: str | None = None,
-        system_prompt: str | None = None,
-        defaults: SamplingDefaults | None = None,
-    ) -> Session:
-        """Change what was given (None: unchanged); the session is not counted as used."""
-        changes = {"title": title, "system_prompt": system_prompt}
-        values: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
-        if defaults is not None:
-            values["defaults"] = json.dumps(asdict(defaults))
+    def update(self, session_id: str, changes: SessionChanges) -> Session:
+        """Change what was given; the session is not counted as used."""
+        given = {"title": changes.title, "system_prompt": changes.system_prompt}
+        values: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if changes.defaults is not None:
+            values["defaults"] = json.dumps(asdict(changes.defaults))
         if values:
             with self._lock, self._transaction():
                 assignments = ", ".join(f"{name} = ?" for name in values)

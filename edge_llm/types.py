@@ -148,6 +148,15 @@ class Session:
         return system + self.messages + ((new,) if new else ())
 
 
+@dataclass(frozen=True)
+class SessionChanges:
+    """What UpdateSession (PATCH) changes; None: left as it is."""
+
+    title: str | None = None
+    system_prompt: str | None = None
+    defaults: SamplingDefaults | None = None
+
+
 class RequestError(ValueError):
     """A request that cannot be served as asked (INVALID_ARGUMENT); the message names the field."""
 
