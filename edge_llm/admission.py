@@ -299,7 +299,11 @@ def _log_finished(job: Job, reason: FinishReason, t: Timings) -> None:
 
 
 def _usage(stats: GenerationStats) -> Usage:
-    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens)
+    return Usage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        prompt_tokens_reused=stats.prompt_tokens_reused,
+    )
 
 
 def _timings(job: Job) -> Timings:

@@ -67,7 +67,7 @@ class Loaded:
 
 
 class Generation:
-    """One admitted request: chunks() submits it and streams the answer; cancel() from the
+    """One admitted request, in the queue: chunks() streams the answer; cancel() from the
     skin when its client is gone."""
 
     def __init__(
@@ -78,6 +78,7 @@ class Generation:
         self._core = core
         self._api = api  # for the metrics: which skin it came through
         self._counted = False
+        self._count_lock = threading.Lock()  # cancel() and chunks() run on different threads
         self._streamed = False  # chunks() has begun
 
     @property
@@ -91,8 +92,6 @@ class Generation:
         loaded, job, turn = self._loaded, self.job, self.turn
         self._streamed = True
         try:
-            loaded.scheduler.submit(job)
-            self._log_queued()
             answer: list[str] = []
             for chunk in job.chunks():
                 answer.append(chunk.text)
@@ -123,9 +122,10 @@ class Generation:
 
     def _count(self, last: Chunk | None) -> None:
         """Once per generation: how it ended (None: without its last chunk read)."""
-        if self._counted:
-            return
-        self._counted = True
+        with self._count_lock:
+            if self._counted:
+                return
+            self._counted = True
         metrics = self._core.metrics
         if last is not None:
             metrics.finished(self._api, last)
@@ -134,7 +134,7 @@ class Generation:
         else:
             metrics.ended_without_answer(self._api, refused=False)
 
-    def _log_queued(self) -> None:
+    def log_queued(self) -> None:
         job = self.job
         fields: dict[str, object] = {
             "REQUEST_ID": job.id,
@@ -207,8 +207,8 @@ class Appliance:
         replace_last: bool = False,
     ) -> Generation:
         """Admit a request that came through `api` (grpc, openai, page): refused at once when
-        the queue is full, then validated (`build`, with the session's defaults) and
-        tokenized. In a session the session is claimed until the generation ends (chunks()
+        the queue is full, then validated (`build`, with the session's defaults), tokenized
+        and queued. In a session the session is claimed until the generation ends (chunks()
         finishes, or cancel()); `replace_last`: the turn takes the place of the session's
         last one."""
         try:
@@ -235,18 +235,28 @@ class Appliance:
             with self.tokenizing.enter():
                 prompt = loaded.engine.prompt_tokens(req)
             job = Job(req, prompt, received_at=received_at, peer=peer)
-            return Generation(self, loaded, job, None, api)
-        conversations = loaded.conversations
-        claim = conversations.claim(session_id)  # busy first, then read
+            generation = Generation(self, loaded, job, None, api)
+        else:
+            conversations = loaded.conversations
+            claim = conversations.claim(session_id)  # busy first, then read
+            try:
+                req = build(claim.session.defaults)
+                with self.tokenizing.enter():
+                    turn = conversations.fit(claim, req, replace_last)
+            except BaseException:
+                conversations.release(claim)
+                raise
+            job = Job(turn.request, turn.prompt, received_at=received_at, peer=peer)
+            generation = Generation(self, loaded, job, turn, api)
+        # Queued here, so a queue that filled up meanwhile, or a stop, is still a refusal.
         try:
-            req = build(claim.session.defaults)
-            with self.tokenizing.enter():
-                turn = conversations.fit(claim, req, replace_last)
+            loaded.scheduler.submit(generation.job)
         except BaseException:
-            conversations.release(claim)
+            if generation.turn is not None:
+                loaded.conversations.release(generation.turn.claim)
             raise
-        job = Job(turn.request, turn.prompt, received_at=received_at, peer=peer)
-        return Generation(self, loaded, job, turn, api)
+        generation.log_queued()
+        return generation
 
     def tokenize(self, text: str | None, messages: tuple[ChatMessage, ...]) -> list[int]:
         engine = self.ready().engine

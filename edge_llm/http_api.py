@@ -13,18 +13,23 @@ appliance while it runs, so the server frees the model only once no request is i
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from anyio.to_thread import run_sync
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
+from edge_llm import openai_convert as oc
 from edge_llm.appliance import Appliance
 from edge_llm.http_base import STATUS, domain_error, http_error
 from edge_llm.openai_api import OpenAIRoutes
@@ -46,8 +51,51 @@ class _Counted:
             await self.app(scope, receive, send)
 
 
-def build_app(core: Appliance, serving: Callable[[], bool]) -> ASGIApp:
-    """The whole HTTP side. `serving`: the same truth as grpc.health.v1's overall status."""
+class _LoopbackOnly:
+    """ASGI middleware for a server on a loopback address: only requests addressed to an IP
+    or to localhost. A web page can point a name of its own at 127.0.0.1 (DNS rebinding) and
+    then read this server as its own origin; a request carrying such a name is refused."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = Headers(scope=scope).get("host", "")
+        name = urlsplit(f"//{host}").hostname or ""
+        if scope["type"] in ("http", "websocket") and not _local_name(name):
+            message = (
+                f"this server listens on a loopback address and answers requests addressed to "
+                f"127.0.0.1, [::1] or localhost, not to {name!r}"
+            )
+            response = JSONResponse(oc.error(message, "forbidden_error", "host_not_allowed"), 403)
+            if scope["type"] == "websocket":
+                await WebSocket(scope, receive, send).close(code=1008)
+                return
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _local_name(name: str) -> bool:
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(core: Appliance, serving: Callable[[], bool], loopback: bool = True) -> ASGIApp:
+    """The whole HTTP side. `serving`: the same truth as grpc.health.v1's overall status;
+    `loopback`: it listens on a loopback address (only local names are answered)."""
 
     async def health(request: Request) -> Response:
         ok = serving()
@@ -71,4 +119,5 @@ def build_app(core: Appliance, serving: Callable[[], bool]) -> ASGIApp:
         ],
         exception_handlers=handlers,
     )
-    return _Counted(app, core)
+    counted = _Counted(app, core)
+    return _LoopbackOnly(counted) if loopback else counted

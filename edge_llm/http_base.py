@@ -80,7 +80,16 @@ async def http_error(request: Request, e: Exception) -> Response:
 
 
 async def json_body(request: Request, limit: int) -> dict[str, Any]:
-    """The request's JSON object, read up to `limit` bytes."""
+    """The request's JSON object, read up to `limit` bytes. It must say it is JSON: a form
+    or text/plain POST is what another web site can make a browser send unasked (CSRF), and
+    JSON cannot be sent cross-site without a CORS preflight, which this server never grants."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise HTTPException(
+            415,
+            f"the body must be JSON, sent with Content-Type: application/json (got "
+            f"{kind or 'none'}); with curl add -H 'Content-Type: application/json'",
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the request body is {declared} bytes; the limit is {limit}")
@@ -91,7 +100,7 @@ async def json_body(request: Request, limit: int) -> dict[str, Any]:
             raise HTTPException(413, f"the request body is over the {limit}-byte limit")
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise RequestError("the request body must be a JSON object")
@@ -110,14 +119,28 @@ async def watching(
         generation.cancel()
 
     chunks: Generator[Chunk] = generation.chunks()
+    error: Exception | None = None
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(cancel_on_disconnect)
-            await work(chunks)
+            try:
+                await work(chunks)
+            except Exception as e:  # raised as itself below, not as a task group's ExceptionGroup
+                error = e
             tasks.cancel_scope.cancel()
     finally:
-        generation.cancel()  # a no-op once it finished
-        await run_sync(chunks.close)  # frees its session claim now, not at garbage collection
+        await finish(generation, chunks)
+    if error is not None:
+        raise error
+
+
+async def finish(generation: Generation, chunks: Generator[Chunk]) -> None:
+    """End a generation whatever happened: cancelled if it still runs (a no-op once it
+    finished), its chunks closed, which frees its session claim now, not at garbage
+    collection; shielded, as it often runs in a task being cancelled."""
+    generation.cancel()
+    with anyio.CancelScope(shield=True):
+        await run_sync(chunks.close)
 
 
 async def in_threads(chunks: Iterator[Chunk]) -> AsyncIterator[Chunk]:

@@ -77,6 +77,7 @@ class Metrics:
         self.requests.labels(api, reason).inc()
         if last.usage is not None:
             self.prompt_tokens.inc(last.usage.prompt_tokens)
+            self.reused_tokens.inc(last.usage.prompt_tokens_reused)
             self.completion_tokens.inc(last.usage.completion_tokens)
         if (t := last.timings) is not None:
             self.queue_wait.observe(t.queue_ms / 1e3)

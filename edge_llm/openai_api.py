@@ -89,12 +89,12 @@ class OpenAIRoutes:
         limits = self.core.limits
         body = await json_body(request, limits.max_request_bytes)
         session_id = oc.session_id(body)
-        include_usage = oc.stream_options(body)
+        stream, include_usage = oc.streaming(body)
+        ids = oc.Ids("chat", model_id(self.core))  # before admission: nothing to undo if it fails
         generation = await self._admit(
             request, lambda defaults: oc.chat_request(body, limits, defaults), session_id
         )
-        ids = oc.Ids("chat", self._model_name())
-        if body.get("stream") is True:
+        if stream:
             return _Stream(generation, self._chat_events(ids, generation, include_usage))
         text, last = await self._collect(request, generation)
         return JSONResponse(oc.chat_completion(ids, text, last, generation.session_id))
@@ -128,10 +128,10 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         limits = self.core.limits
         body = await json_body(request, limits.max_request_bytes)
-        include_usage = oc.stream_options(body)
+        stream, include_usage = oc.streaming(body)
+        ids = oc.Ids("completion", model_id(self.core))
         generation = await self._admit(request, lambda _: oc.completion_request(body, limits), None)
-        ids = oc.Ids("completion", self._model_name())
-        if body.get("stream") is True:
+        if stream:
 
             def render(chunk: Chunk) -> list[bytes]:
                 if (cut := cut_off(chunk)) is not None:
@@ -164,9 +164,6 @@ class OpenAIRoutes:
         if (cut := cut_off(last)) is not None:
             raise cut
         return "".join(parts), last
-
-    def _model_name(self) -> str:
-        return model_id(self.core)
 
     async def models(self, request: Request) -> Response:
         created = int(self.core.ready().started_at)

@@ -12,6 +12,7 @@ carry `timings` (as llama.cpp's server does) and, in a session, `session_id` and
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -51,7 +52,10 @@ def _number(body: Mapping[str, Any], name: str) -> float:
     value = body[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(f"{name} must be a number; got {_kind(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past any float: out of every range
+        return math.inf
 
 
 def _integer(body: Mapping[str, Any], name: str) -> int:
@@ -193,12 +197,15 @@ def _ignore_eos(body: Mapping[str, Any]) -> bool:
     return value
 
 
-def stream_options(body: Mapping[str, Any]) -> bool:
-    """Whether the client asked for usage in a last chunk (stream_options.include_usage)."""
+def streaming(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether to stream, and to add usage in a last chunk (stream_options.include_usage)."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be true or false; got {_kind(stream)}")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(f"stream_options must be an object; got {_kind(options)}")
-    return bool(options.get("include_usage"))
+    return stream, bool(options.get("include_usage"))
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def finish_reason(chunk: Chunk) -> str | None:
     return "length" if chunk.finish_reason is FinishReason.LENGTH else "stop"
 
 
-def usage(u: Usage | None) -> dict[str, int] | None:
+def usage(u: Usage | None) -> dict[str, Any] | None:
     if u is None:
         return None
     total = u.prompt_tokens + u.completion_tokens
@@ -231,6 +238,8 @@ def usage(u: Usage | None) -> dict[str, int] | None:
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": total,
+        # Prompt tokens whose KV cache was reused (a session's history, a shared prefix).
+        "prompt_tokens_details": {"cached_tokens": u.prompt_tokens_reused},
     }
 
 

@@ -38,7 +38,7 @@ from starlette.websockets import WebSocket
 from edge_llm import __version__, checks
 from edge_llm import openai_convert as oc
 from edge_llm.appliance import Appliance, Generation
-from edge_llm.http_base import error_status, in_threads, json_body
+from edge_llm.http_base import error_status, finish, in_threads, json_body
 from edge_llm.types import (
     ChatMessage,
     Chunk,
@@ -185,8 +185,8 @@ def page() -> ASGIApp:
 
 
 def _same_origin(websocket: WebSocket) -> bool:
-    """A browser always says which page opened the socket; programs need not (their access
-    is a matter for tokens, not origins)."""
+    """A browser always says which page opened the socket; a program need not (it is no
+    browser: there is no user's session in it to hijack)."""
     origin = websocket.headers.get("origin")
     return origin is None or urlsplit(origin).netloc == websocket.headers.get("host")
 
@@ -199,6 +199,7 @@ class _ChatSocket:
         self.running: Generation | None = None
         self.busy = False  # a send is being admitted or answered
         self.stop_asked = False  # a stop frame came while the send was being admitted
+        self.closed = False  # the page went away
         client = websocket.client
         self.peer = f"ws:{client.host}:{client.port}" if client else "ws"
 
@@ -226,7 +227,8 @@ class _ChatSocket:
                         await self._error(
                             RequestError(f'unknown frame type {kind!r}; send "send" or "stop"')
                         )
-                if self.running is not None:  # the page went away: stop its answer
+                self.closed = True  # the page went away: stop its answer, even one in admission
+                if self.running is not None:
                     self.running.cancel()
         finally:
             if self.running is not None:
@@ -241,7 +243,7 @@ class _ChatSocket:
             text = message.get("text")
             try:
                 frame = json.loads(text if text is not None else message.get("bytes") or b"")
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
                 await self._error(RequestError(f"a frame must be a JSON object: {e}"))
                 continue
             if isinstance(frame, dict):
@@ -260,7 +262,7 @@ class _ChatSocket:
                 await self._error(e)
                 return
             self.running = generation
-            if self.stop_asked:
+            if self.stop_asked or self.closed:
                 generation.cancel()
             chunks = generation.chunks()
             try:
@@ -273,8 +275,7 @@ class _ChatSocket:
             except Exception as e:
                 last = e
             finally:
-                generation.cancel()  # a no-op once it finished
-                await run_sync(chunks.close)  # frees the session claim now
+                await finish(generation, chunks)
                 self.running, self.busy, self.stop_asked = None, False, False
         await (self._error(last) if isinstance(last, Exception) else self._send(last))
 

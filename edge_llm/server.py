@@ -26,6 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,7 +40,7 @@ from edge_llm.config import Config
 from edge_llm.conversations import Conversations
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.grpc_api import EdgeLLMService
-from edge_llm.http_api import build_app
+from edge_llm.http_api import build_app, is_loopback
 from edge_llm.kvstates import KVStates
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, ModelInfo, RuntimeInfo, Sampling
@@ -114,7 +115,8 @@ class Server:
         server.start()
         self._grpc = server
         if (http := self.config.http_address) is not None:
-            self._http = _HttpServer(build_app(self.core, lambda: self.serving), *http)
+            app = build_app(self.core, lambda: self.serving, is_loopback(http[0]))
+            self._http = _HttpServer(app, *http, threads=workers)
             self.http_port = self._http.port
             log.info(
                 "HTTP on %s:%d: the chat page, the OpenAI-style API under /v1, /health",
@@ -260,6 +262,9 @@ class Server:
         drain = self.config.drain_seconds if drain is None else drain
         self._stopping = True
         scheduler = self._scheduler
+        # New calls get UNAVAILABLE (HTTP 503) from here on, while the port stays open: probes
+        # see NOT_SERVING (clients balancing on it move away) and accepted requests finish.
+        self.core.draining = True
         # NOT_SERVING for "" and the service, pushed to Watch streams; later set()s are ignored.
         self.health.enter_graceful_shutdown()
         self.serving = False
@@ -269,9 +274,6 @@ class Server:
             drain + _WORKER_STOP_SECONDS + 3 * _FLUSH_SECONDS + 5,  # the steps after the drain
         )
         log.info("stopping: %d requests get up to %g s to finish", busy, drain)
-        # The port stays open while draining, so health checks see NOT_SERVING (and clients
-        # balancing on it move away) while new calls get UNAVAILABLE from the service.
-        self.core.draining = True
         engine_free = True
         if scheduler is not None:
             self._drain(scheduler, drain)
@@ -397,7 +399,8 @@ class _HttpServer:
     """uvicorn on an event loop of its own, in a thread: the port is bound here, so a port in
     use fails the start like gRPC's, and port 0 is known at once."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
+        self._threads = threads
         try:
             self._socket = socket.create_server(
                 (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -420,7 +423,13 @@ class _HttpServer:
         self._thread.start()
 
     def _run(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._socket]))
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        # Each HTTP request waiting on the appliance (queued, tokenizing, reading chunks) holds
+        # a worker thread: as many as gRPC's handler threads, and spare for the rest.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = self._threads
+        await self._server.serve(sockets=[self._socket])
 
     def stop(self, timeout: float) -> None:
         self._server.should_exit = True

@@ -63,6 +63,7 @@ class GenerationStats:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    prompt_tokens_reused: int = 0  # of prompt_tokens, found in the KV cache
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ def test_chat_completion_with_the_sdk(client: openai.OpenAI, base: str) -> None:
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 16
+    assert answer.usage.prompt_tokens_details is not None
     assert answer.model == client.models.list().data[0].id
     raw = httpx.post(
         f"{base}/chat/completions", json={"messages": HI, "max_tokens": 16, "seed": 1}
@@ -180,6 +181,8 @@ def test_a_stop_string_ends_the_answer(client: openai.OpenAI) -> None:
         ({"messages": HI, "tools": [{"type": "function"}]}, 400, "tools is not supported"),
         ({"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
         ({"messages": HI, "stop": 3}, 400, "stop must be a string or an array of strings"),
+        ({"messages": HI, "stream": "yes"}, 400, "stream must be true or false"),
+        ({"messages": HI, "temperature": 10**400}, 400, "temperature must be in [0, 2]"),
         ({"messages": HI, "seed": -1}, 400, "seed must be below"),
         ({"messages": HI, "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
         ({"messages": []}, 400, "messages is empty"),
@@ -198,11 +201,27 @@ def test_bad_requests_get_an_error_object(base: str, body: dict, status: int, sa
 
 
 def test_malformed_bodies_and_routes(base: str) -> None:
-    bad_json = httpx.post(f"{base}/chat/completions", content=b"{nope")
+    json_type = {"Content-Type": "application/json"}
+    bad_json = httpx.post(f"{base}/chat/completions", content=b"{nope", headers=json_type)
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    huge_int = httpx.post(
+        f"{base}/completions", content=b'{"seed": ' + b"9" * 5000 + b"}", headers=json_type
+    )
+    assert huge_int.status_code == 400
+    # A form or text/plain POST is what another site can make a browser send: refused.
+    form = httpx.post(f"{base}/completions", data={"prompt": "x"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
+    text = httpx.post(
+        f"{base}/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"}
+    )
+    assert text.status_code == 415
+    # A name pointed at loopback by some web page (DNS rebinding) is not this server's.
+    rebound = httpx.get(f"{base}/models", headers={"Host": "attacker.example"})
+    assert rebound.status_code == 403 and "loopback" in rebound.json()["error"]["message"]
+    assert httpx.get(f"{base}/models", headers={"Host": "localhost"}).status_code == 200
     not_object = httpx.post(f"{base}/chat/completions", json=[1])
     assert "must be a JSON object" in not_object.json()["error"]["message"]
-    huge = httpx.post(f"{base}/completions", content=b"x" * (1024 * 1024 + 1))
+    huge = httpx.post(f"{base}/completions", content=b"x" * (1024 * 1024 + 1), headers=json_type)
     assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
     nowhere = httpx.get(f"{base}/nothing-here")
     assert (
@@ -212,6 +231,25 @@ def test_malformed_bodies_and_routes(base: str) -> None:
     assert (
         wrong_method.status_code == 405 and "not allowed" in wrong_method.json()["error"]["message"]
     )
+
+
+def test_a_session_deleted_mid_answer_is_404_not_500(base: str, server: Server) -> None:
+    scheduler = server.core.loaded.scheduler  # type: ignore[union-attr]
+    sid = httpx.post(f"{base.removesuffix('/v1')}/api/sessions", json={}).json()["id"]
+    hold = Hold(scheduler, lambda job: job.request.session_id == sid)
+    result: list[httpx.Response] = []
+    body = {"messages": HI, "max_tokens": 4, "session_id": sid}
+    asking = threading.Thread(
+        target=lambda: result.append(httpx.post(f"{base}/chat/completions", json=body))
+    )
+    try:
+        asking.start()
+        assert hold.reached.wait(60)
+        assert httpx.delete(f"{base.removesuffix('/v1')}/api/sessions/{sid}").status_code == 204
+    finally:
+        hold.release()
+    asking.join(60)
+    assert result[0].status_code == 404 and "deleted" in result[0].json()["error"]["message"]
 
 
 def test_a_session_continues_over_http(client: openai.OpenAI, server: Server) -> None:
@@ -352,9 +390,10 @@ def test_loading_and_stopping_are_503(tiny_model: Path) -> None:
         hold.release()
         running.join(60)
     finally:
-        if not stopping.is_alive() and not srv._stopping:
+        if stopping.ident is None:  # failed before the stop began
             srv.stop(drain=0)
-        stopping.join(60)
+        else:
+            stopping.join(60)
 
 
 def test_langchain_openai(base: str) -> None:
