@@ -419,6 +419,9 @@ class _HttpServer:
             server_header=False,
         )
         self._server = uvicorn.Server(config)
+        # Its start and stop lines repeat ours, under the name "uvicorn.error": keep its
+        # warnings and errors only.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._thread.start()
 
