@@ -61,6 +61,8 @@ const PURIFY = {
     'table', 'thead', 'tbody', 'tr', 'th', 'td',
   ],
   ALLOWED_ATTR: ['href', 'title', 'class', 'start'],
+  // The page dispatches clicks on data-action: model output must not carry its own.
+  ALLOW_DATA_ATTR: false,
 };
 
 // Links from the model open in a new tab, never replacing the chat page.
