@@ -552,6 +552,7 @@ def test_a_slow_commit_does_not_freeze_other_calls(tiny_model: Path) -> None:
             assert committing.wait(60)  # a's turn is being committed, holding the lock
             next(second)  # b runs in the engine
             job = loaded.scheduler.running
+            b_free = freed(loaded.conversations, b)
             second.cancel()
             assert job is not None and job.cancelled.wait(10)  # b's RPC-done callback runs
             # Another call goes through while the commit still holds the lock.
@@ -561,7 +562,9 @@ def test_a_slow_commit_does_not_freeze_other_calls(tiny_model: Path) -> None:
             first.join(60)
             assert answered and answered[0]
             assert history(stub, a)[-2:] == [("user", "Hi"), ("assistant", answered[0])]
-            say(stub, b, "Hello again")  # b was freed once the commit was done
+            # b is freed once the commit is done, on a thread of its own (not grpc's poller).
+            assert b_free.wait(60)
+            say(stub, b, "Hello again")
     finally:
         srv.stop(drain=0)
 
