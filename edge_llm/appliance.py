@@ -170,20 +170,32 @@ class Appliance:
         self.metrics.watch(self._live)
 
     @contextlib.contextmanager
-    def call(self) -> Iterator[None]:
-        """Around every call that may touch the engine or the store."""
-        with self._calls_changed:
-            self._calls += 1
+    def call(self, on_done: Callable[[Callable[[], None]], bool] | None = None) -> Iterator[None]:
+        """Around every call that may touch the engine or the store. With `on_done` (gRPC's
+        context.add_callback), the call also counts until it is over on the wire: a handler
+        returns before its status is sent, and a stop in between would cut the status off."""
+        self._enter()
+        if on_done is not None:
+            self._enter()
+            if not on_done(self._leave):
+                self._leave()
         try:
             yield
         finally:
-            with self._calls_changed:
-                self._calls -= 1
-                self._calls_changed.notify_all()
+            self._leave()
+
+    def _enter(self) -> None:
+        with self._calls_changed:
+            self._calls += 1
+
+    def _leave(self) -> None:
+        with self._calls_changed:  # a short lock: fine on grpc's polling thread
+            self._calls -= 1
+            self._calls_changed.notify_all()
 
     def wait_for_calls(self, timeout: float) -> bool:
-        """Wait until no call runs (streams have handed out their last chunk); False on
-        timeout."""
+        """Wait until no call runs (streams have sent their last message and status); False
+        on timeout."""
         with self._calls_changed:
             return self._calls_changed.wait_for(lambda: self._calls == 0, timeout)
 

@@ -70,14 +70,14 @@ def _rpc(handler: Handler) -> Handler:
 
         @functools.wraps(handler)
         def streaming(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
-            with self.core.call(), _statuses(context):
+            with self.core.call(context.add_callback), _statuses(context):
                 yield from handler(self, request, context)
 
         return streaming  # type: ignore[return-value]
 
     @functools.wraps(handler)
     def unary(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
-        with self.core.call(), _statuses(context):
+        with self.core.call(context.add_callback), _statuses(context):
             return handler(self, request, context)
 
     return unary  # type: ignore[return-value]
