@@ -1,32 +1,30 @@
 """Admission: a bounded FIFO queue in front of the engine, and the one worker thread that runs it.
 
-gRPC handler threads submit jobs and read their chunks; the worker takes jobs one at a time. A
-full queue refuses at once (the caller gets RESOURCE_EXHAUSTED) instead of letting waits grow
-without bound. A job cancelled while it waits leaves the queue and never reaches the engine; a
-job cancelled while it runs stops at the engine's next check (one token, or one prompt batch).
+gRPC and HTTP handler threads submit jobs and read their chunks. The worker starts waiting jobs,
+first come first served, as long as fewer than `parallel` run and the KV pool has room for them
+(kvstates.py), and advances all running jobs one token per step (decoding.py). A full queue
+refuses at once (the caller gets RESOURCE_EXHAUSTED) instead of letting waits grow without
+bound. A job cancelled while it waits leaves the queue and never reaches the engine; a job
+cancelled while it runs leaves at the next step (one token, or one prompt chunk).
 
-Those checks double as the worker's heartbeat: a worker that has a job but has not checked in
+Each step doubles as the worker's heartbeat: a worker that has jobs but has not finished a step
 for a while is wedged, and the systemd watchdog stops vouching for it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Iterator
 
+from edge_llm.decoding import Batch, Job, Running, StepEngine
 from edge_llm.kvstates import KVStates
 from edge_llm.types import (
     Chunk,
     FinishReason,
-    GenerateRequest,
     GenerationStats,
     NotReadyError,
     QueueFullError,
@@ -35,44 +33,6 @@ from edge_llm.types import (
 )
 
 log = logging.getLogger(__name__)
-
-_ids = itertools.count(1)
-
-
-class EngineLike(Protocol):
-    def generate(
-        self,
-        prompt: list[int],
-        request: GenerateRequest,
-        cancelled: Callable[[], bool],
-        stats: GenerationStats,
-    ) -> Iterator[str]: ...
-
-
-@dataclass(eq=False)
-class Job:
-    request: GenerateRequest
-    prompt: list[int]
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    id: int = field(default_factory=lambda: next(_ids))
-    peer: str = ""
-    received_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    # Set by the RPC-done callback (client cancelled, went away, or passed its deadline).
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    outbox: queue.SimpleQueue[Chunk | BaseException] = field(default_factory=queue.SimpleQueue)
-    # Why the server cancelled it (shutdown), for the last message; empty if the client did.
-    notice: str = ""
-
-    def chunks(self) -> Iterator[Chunk]:
-        """What the engine produces, as it produces it; the last chunk has finish_reason."""
-        while True:
-            item = self.outbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
 
 
 class Gate:
@@ -115,18 +75,26 @@ class Gate:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineLike, queue_depth: int, kv: KVStates | None = None) -> None:
-        self._engine = engine
-        self._kv = kv  # per-session KV caches, switched before each job
+    def __init__(
+        self,
+        engine: StepEngine,
+        kv: KVStates,
+        parallel: int,
+        queue_depth: int,
+        batch_size: int,
+    ) -> None:
+        self._kv = kv
+        self._batch = Batch(engine, batch_size, kv.pool)
+        self.parallel = parallel
         self.queue_depth = queue_depth
         self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []  # what the worker runs; read under the lock elsewhere
         self._cond = threading.Condition()
         self._accepting = True
         self._closed = False
-        self.running: Job | None = None
         self.recent: deque[Job] = deque(maxlen=64)  # jobs that reached the engine, newest last
         self.served = 0  # jobs the engine finished, cancelled ones included
-        self._heartbeat = time.monotonic()  # the running job's last check-in
+        self._heartbeat = time.monotonic()  # the worker's last step
         self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
 
     def start(self) -> None:
@@ -152,7 +120,7 @@ class Scheduler:
                 job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
                 return
             self._waiting.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         with self._cond:
@@ -164,25 +132,32 @@ class Scheduler:
                 self._waiting.remove(job)
                 job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
                 log.info("request %d cancelled while queued", job.id)
+            self._cond.notify_all()  # a running one leaves at the worker's next step
 
     @property
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)
 
+    @property
+    def running(self) -> list[Job]:
+        with self._cond:
+            return list(self._running)
+
     def stalled_for(self) -> float:
-        """Seconds the running job has gone without checking in; 0 when idle, inf if dead."""
+        """Seconds the worker has gone without a step while it has work; 0 when idle, inf if
+        dead."""
         if not self._thread.is_alive():
             return float("inf")
         with self._cond:
-            return 0.0 if self.running is None else time.monotonic() - self._heartbeat
+            return time.monotonic() - self._heartbeat if self._running else 0.0
 
     def drain(self, timeout: float) -> bool:
         """Refuse new jobs and let the accepted ones finish; False if some were still there."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._accepting = False
-            while self._waiting or self.running is not None:
+            while self._waiting or self._running:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
                     return False
@@ -190,12 +165,9 @@ class Scheduler:
         return True
 
     def close(self, notice: str = "", timeout: float | None = None) -> bool:
-        """Refuse new jobs, cancel the waiting ones, and wait for the worker to leave the engine.
-
-        The running job is cancelled too, so the worker stops within one token or prompt batch;
-        only then may the engine be freed: False if it had not left after `timeout` seconds.
-        `notice` goes in each cancelled job's last message.
-        """
+        """Refuse new jobs, cancel the waiting and running ones, and wait for the worker to
+        leave the engine (within one step); only then may the engine be freed: False if it had
+        not left after `timeout` seconds. `notice` goes in each cancelled job's last message."""
         with self._cond:
             self._accepting = False
             self._closed = True
@@ -203,69 +175,117 @@ class Scheduler:
                 job.cancelled.set()
                 job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED, notice=notice))
             self._waiting.clear()
-            running = self.running
-            if running is not None:
-                running.notice = notice
-                running.cancelled.set()
+            running = list(self._running)
+            for job in running:
+                job.notice = notice
+                job.cancelled.set()
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if not self._thread.is_alive():
             return True
-        if running is not None:  # stuck in the engine: end its stream for it
-            running.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED, notice=notice))
+        for job in running:  # stuck in the engine: end their streams for them
+            job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED, notice=notice))
         return False
 
-    def _take(self) -> Job | None:
-        with self._cond:
-            while not self._waiting and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            job = self._waiting.popleft()
-            self.running = job
-            self._heartbeat = time.monotonic()
-            return job
+    # -- the worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._take()) is not None:
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self.running = None
-                    self._cond.notify_all()  # drain() waits for this
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                starting = self._admit()
+                closed = self._closed
+            for job in starting:
+                self._start(job)
+            for r in list(self._batch.running):
+                if self._check_in(r.job) or closed:
+                    self._end(r)
+            if closed:
+                return
+            if self._batch.running:
+                self._step()
 
     def _check_in(self, job: Job) -> bool:
-        """The engine's cancel check, between prompt batches and tokens: also the heartbeat."""
-        self._heartbeat = time.monotonic()
+        """Before each step, for each running job: whether it was cancelled."""
         return job.cancelled.is_set()
 
-    def _run(self, job: Job) -> None:
+    def _admit(self) -> list[Job]:
+        """The waiting jobs that start now: first come first served, as many as run at once
+        and as the KV pool has room for (the first that does not fit waits, and all after it)."""
+        starting = []
+        while self._waiting and len(self._running) < self.parallel:
+            if not self._kv.fits(self._cells(self._waiting[0])):
+                break
+            job = self._waiting.popleft()
+            self._running.append(job)
+            starting.append(job)
+            if not self._running[:-1]:
+                self._heartbeat = time.monotonic()  # busy from now on
+        return starting
+
+    def _cells(self, job: Job) -> int:
+        return min(len(job.prompt) + job.request.max_tokens, self._kv.pool)
+
+    def _start(self, job: Job) -> None:
         job.started_at = time.monotonic()
         self.recent.append(job)
         try:
-            if self._kv is not None:
-                self._kv.activate(job.request.session_id)
-            for text in self._engine.generate(
-                job.prompt, job.request, lambda: self._check_in(job), job.stats
-            ):
-                job.outbox.put(Chunk(text))
-        except Exception as e:  # the handler turns it into a gRPC status
-            log.exception("request %d failed in the engine", job.id, extra={"REQUEST_ID": job.id})
-            self.served += 1
-            job.outbox.put(e)
+            slot, reused = self._kv.acquire(job.request.session_id, job.prompt, self._cells(job))
+        except Exception as e:
+            self._fail([job], e)
             return
-        stats = job.stats
+        try:
+            self._batch.add(job, slot, reused)
+        except Exception as e:
+            self._kv.release(slot, intact=False)
+            self._fail([job], e)
+
+    def _step(self) -> None:
+        try:
+            finished = self._batch.step()
+        except Exception as e:  # the handlers turn it into a status
+            failed = list(self._batch.running)
+            for r in failed:
+                self._batch.remove(r)
+                self._kv.release(r.slot, intact=False)
+            self._fail([r.job for r in failed], e)
+            return
+        finally:
+            self._heartbeat = time.monotonic()
+        for r in finished:
+            self._end(r)
+
+    def _end(self, r: Running) -> None:
+        """`r` finished or was cancelled: free its sequence and send its last chunk."""
+        self._batch.remove(r)
+        self._kv.release(r.slot)
+        job, stats = r.job, r.job.stats
         reason = stats.finish_reason or FinishReason.CANCELLED
         timings = _timings(job)
         notice = job.notice if reason is FinishReason.CANCELLED else ""
         self.served += 1  # before the last chunk: whoever reads it sees the count include it
         with self._cond:  # done before its last chunk goes: close() must not cancel it now
-            self.running = None
-            self._cond.notify_all()
+            self._running.remove(job)
+            self._cond.notify_all()  # drain() waits for this; a waiting job may fit now
         job.outbox.put(Chunk("", reason, _usage(stats), timings, notice))
         _log_finished(job, reason, timings)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            log.error(
+                "request %d failed in the engine: %s",
+                job.id,
+                error,
+                exc_info=error,
+                extra={"REQUEST_ID": job.id},
+            )
+            self.served += 1
+            with self._cond:
+                self._running.remove(job)
+                self._cond.notify_all()
+            job.outbox.put(error)
 
 
 def _log_finished(job: Job, reason: FinishReason, t: Timings) -> None:

@@ -22,9 +22,10 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from edge_llm.admission import Gate, Job, Scheduler
+from edge_llm.admission import Gate, Scheduler
 from edge_llm.checks import Limits
 from edge_llm.conversations import Conversations, Turn
+from edge_llm.decoding import Job
 from edge_llm.memory import MemoryPlan
 from edge_llm.metrics import Live, Metrics
 from edge_llm.types import (
@@ -302,7 +303,7 @@ class Appliance:
         scheduler, memory = loaded.scheduler, loaded.memory
         return Live(
             waiting=scheduler.waiting,
-            running=int(scheduler.running is not None),
+            running=len(scheduler.running),
             sessions=loaded.conversations.store.count(),
             memory_budget_bytes=memory.budget,
             memory_planned_bytes=memory.total,

@@ -50,6 +50,11 @@ def _serve_parser(
     )
     p.add_argument("--batch-size", type=int, help=f"prompt batch (default: {d.batch_size})")
     p.add_argument(
+        "--parallel",
+        type=int,
+        help="requests that decode at once (default: 0 = the memory plan chooses, up to 4)",
+    )
+    p.add_argument(
         "--queue-depth", type=int, help=f"requests that may wait (default: {d.queue_depth})"
     )
     p.add_argument(

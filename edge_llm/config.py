@@ -37,7 +37,9 @@ class Config:
     # Prompt tokens processed per llama_decode call; also the granularity of cancellation
     # during prompt processing.
     batch_size: int = 256
-    # Requests that may wait while the engine is busy; one more gets RESOURCE_EXHAUSTED.
+    # Requests that decode at once, in one batch; 0: the memory plan chooses (up to 4).
+    parallel: int = 0
+    # Requests that may wait while `parallel` run; one more gets RESOURCE_EXHAUSTED.
     queue_depth: int = 8
     # MiB the service plans to stay within; 0: the tightest of 2 GiB, the cgroup limit,
     # physical memory less room for the system, and the memory available at start-up.
@@ -70,6 +72,7 @@ class Config:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in (
             "context_length",
+            "parallel",
             "threads",
             "threads_batch",
             "memory_budget_mb",
@@ -84,6 +87,11 @@ class Config:
             raise ConfigError(
                 f"default_max_tokens must be in 1..max_tokens ({self.max_tokens}), "
                 f"got {self.default_max_tokens}"
+            )
+        if self.parallel > self.batch_size:
+            raise ConfigError(
+                f"parallel ({self.parallel}) must be at most batch_size ({self.batch_size}): "
+                "each running request puts a token in every batch"
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")

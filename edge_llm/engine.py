@@ -1,19 +1,21 @@
-"""The model: load a GGUF file with llama-cpp-python and turn token ids into text.
+"""The model: load a GGUF file with llama-cpp-python, tokenize prompts, and offer the steps
+that continuous batching is made of (decode a batch, sample a row, move sequences' caches).
 
-This is the only module that imports llama_cpp. An Engine is driven by one thread at a time
-(the scheduler's worker); tokenizing is safe from any thread, as it only reads the vocabulary.
+This is the only module that imports llama_cpp. The engine's context is driven by one thread
+(the scheduler's worker, through decoding.py and kvstates.py); tokenizing is safe from any
+thread, as it only reads the vocabulary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import random
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,23 +28,23 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "2000"
 
 import llama_cpp
-from llama_cpp._internals import LlamaModel
+from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edge_llm import backend
 from edge_llm.memory import ModelShape
-from edge_llm.textstream import TextStream
 from edge_llm.types import (
     ChatMessage,
-    FinishReason,
     GenerateRequest,
-    GenerationStats,
     ModelInfo,
+    Part,
     RequestError,
+    Sampling,
 )
 
 log = logging.getLogger(__name__)
 
+_PENALTY_LAST_N = 64  # llama-cpp-python's window for the repeat penalties
 _PLACEHOLDER = re.compile("\x00([0-9]+)\x00")  # a message's content in the rendered template
 
 
@@ -59,40 +61,104 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    context_length: int
+    context_length: int  # cells in the KV pool; also the most one request may use
     batch_size: int
     threads: int
     threads_batch: int
+    parallel: int = 1  # sequences that decode at once
+    sequences: int = 1  # sequences the pool holds: the decoding ones, and idle ones kept
+
+
+class EngineError(RuntimeError):
+    """llama.cpp failed a step; the requests in it end with an error."""
+
+
+class Sampler:
+    """One sequence's sampler chain (llama.cpp's), in llama-cpp-python's order, so a stream
+    alone samples as Llama.generate() did: penalties over the last 64 tokens, then top-k first
+    (it cuts 152k candidates to k before anything sorts), typical, top-p, min-p, temperature,
+    and a seeded draw; temperature 0 is a plain argmax."""
+
+    def __init__(self, n_vocab: int, s: Sampling, seed: int) -> None:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = functools.partial(llama_cpp.llama_sampler_chain_add, chain)
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab,
+                _PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+            )
+        )
+        if s.temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(s.top_k))
+            add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+            add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(s.temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        self._chain: Any = chain
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)  # and everything in the chain
+            self._chain = None
 
 
 class Engine:
+    """The model and one llama.cpp context whose KV cache is a single pool of
+    `context_length` cells shared by `sequences` sequences (kv_unified): several requests
+    decode in one llama_decode (decoding.py drives it), each from its own sequence."""
+
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         self.path = path
         self.settings = settings
         backend.load(model=path)  # no-op when the server already loaded its choice
+        verbose = log.isEnabledFor(logging.DEBUG)
+        # llama-cpp-python prints llama.cpp's load log to stderr at this logger's level.
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.use_mmap = True
         try:
-            # The library prints its own load log through stderr; keep it for debug level only.
-            self._llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=settings.context_length,
-                n_batch=settings.batch_size,
-                n_ubatch=settings.batch_size,
-                n_threads=settings.threads,
-                n_threads_batch=settings.threads_batch,
-                use_mmap=True,
-                verbose=log.isEnabledFor(logging.DEBUG),
+            self._model = LlamaModel(path_model=str(path), params=params, verbose=verbose)
+            self._ctx = LlamaContext(
+                model=self._model, params=self._context_params(), verbose=verbose
             )
         except (ValueError, RuntimeError) as e:
             raise ModelLoadError.of(path, e) from None
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        model = self._model.model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = self._model.n_vocab()
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(settings.batch_size, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(64)
         # Recurrent and hybrid models keep a state that cannot be cut back to a prefix.
-        model = self._llm.model
-        self._prefix_reusable = not (
+        self.kv_restorable = not (
             llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         )
+        self._metadata = self._model.metadata()
         self._formatter = self._chat_formatter()
         self.info = self._model_info()
+
+    def _context_params(self) -> Any:
+        s = self.settings
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = s.context_length
+        p.n_batch = p.n_ubatch = s.batch_size
+        p.n_seq_max = s.sequences
+        p.kv_unified = True  # one pool: a sequence may grow into what the others leave
+        # Each sequence samples at most one token per step: logits for that many rows (llama.cpp
+        # wants room for every sequence), not for a whole batch (152k-token vocabularies make
+        # that 150 MiB at batch 256).
+        p.n_outputs_max = s.sequences
+        p.n_threads = s.threads
+        p.n_threads_batch = s.threads_batch
+        p.no_perf = True
+        # Flash attention: no n_ctx x batch x heads score matrix (128 of the 135 MiB of compute
+        # buffer at 8192 x 256), and faster decoding (BENCHMARKS.md).
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        return p
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -112,7 +178,7 @@ class Engine:
 
     def tokenize(self, prompt: str | None, messages: Sequence[ChatMessage]) -> list[int]:
         if prompt is not None:
-            return self._llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            return self._tokenize(prompt.encode(), add_bos=True, special=True)
         if self._formatter is None:
             raise RequestError(
                 f"the model {self.path.name} has no chat template; send a raw prompt instead"
@@ -130,15 +196,19 @@ class Engine:
         tokens: list[int] = []
         for n, piece in enumerate(_PLACEHOLDER.split(text)):
             if n % 2:  # a placeholder's number
-                tokens += self._llm.tokenize(
+                tokens += self._tokenize(
                     messages[int(piece)].content.encode(), add_bos=False, special=False
                 )
             elif piece:
-                tokens += self._llm.tokenize(piece.encode(), add_bos=False, special=True)
+                tokens += self._tokenize(piece.encode(), add_bos=False, special=True)
+        return tokens
+
+    def _tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        tokens: list[int] = self._model.tokenize(text, add_bos=add_bos, special=special)
         return tokens
 
     def _chat_formatter(self) -> Jinja2ChatFormatter | None:
-        template = self._llm.metadata.get("tokenizer.chat_template")
+        template = self._metadata.get("tokenizer.chat_template")
         if not template:
             return None
 
@@ -147,121 +217,81 @@ class Engine:
 
         return Jinja2ChatFormatter(
             template=template,
-            eos_token=text_of(self._llm.token_eos()),
-            bos_token=text_of(self._llm.token_bos()),
+            eos_token=text_of(self._model.token_eos()),
+            bos_token=text_of(self._model.token_bos()),
             add_generation_prompt=True,
         )
 
-    # -- generation ------------------------------------------------------------------------
+    # -- steps (decoding.py) ----------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: list[int],
-        request: GenerateRequest,
-        cancelled: Callable[[], bool],
-        stats: GenerationStats,
-    ) -> Iterator[str]:
-        """Yield text deltas for a prompt from prompt_tokens().
+    def decode(self, parts: Sequence[Part]) -> list[int]:
+        """One llama_decode of every part's tokens; for each part that wants an output, the
+        batch row to sample from (-1 for the others)."""
+        batch, n = self._batch, 0
+        rows: list[int] = []
+        for part in parts:
+            for i, token in enumerate(part.tokens):
+                batch.token[n] = token
+                batch.pos[n] = part.pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = part.seq
+                batch.logits[n] = 0
+                n += 1
+            if part.output:
+                batch.logits[n - 1] = 1
+            rows.append(n - 1 if part.output else -1)
+        batch.n_tokens = n
+        if (code := llama_cpp.llama_decode(self._ctx.ctx, batch)) != 0:
+            raise EngineError(f"llama_decode failed with code {code} on a batch of {n} tokens")
+        return rows
 
-        `cancelled` is polled between prompt batches and between tokens.
+    def sampler(self, sampling: Sampling) -> Sampler:
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        return Sampler(self._n_vocab, sampling, seed)
 
-        Ends with stats.finish_reason set, unless cancelled (then it is None).
-        """
-        llm, s = self._llm, request.sampling
-        stats.prompt_tokens = len(prompt)
-        max_tokens = min(request.max_tokens, self.settings.context_length - len(prompt))
+    def sample(self, sampler: Sampler, row: int) -> int:
+        """A token from the logits of a decode()d row; the sampler remembers it (penalties)."""
+        token: int = llama_cpp.llama_sampler_sample(sampler._chain, self._ctx.ctx, row)
+        return token
 
-        # Keep the KV cache of the longest prefix shared with the previous request (a system
-        # prompt, an earlier turn), then process the rest one batch at a time, so that a
-        # cancelled request stops at the next batch boundary. At least the last prompt token is
-        # processed again: its logits are what the first answer token is sampled from.
-        reused = min(_common_prefix(llm.input_ids[: llm.n_tokens], prompt), len(prompt) - 1)
-        if not self._prefix_reusable:
-            reused = 0
-            llm.reset()
-        llm.n_tokens = reused  # eval() drops the KV cells past n_tokens
-        stats.prompt_tokens_reused = reused
-        for start in range(reused, len(prompt), self.settings.batch_size):
-            if cancelled():
-                return
-            batch = prompt[start : start + self.settings.batch_size]
-            llm.eval(batch)
-            stats.prompt_tokens_processed += len(batch)
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-        # generate() finds the whole prompt in the cache with fresh logits and samples at once.
-        llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
-        tokens = llm.generate(
-            prompt,
-            temp=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-        )
-        text = TextStream(request.stop)
-        try:
-            for token in tokens:
-                now = time.monotonic()
-                stats.first_token_at = stats.first_token_at or now
-                stats.last_token_at = now
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not request.ignore_eos:
-                    stats.finish_reason = FinishReason.STOP
-                    break
-                stats.completion_tokens += 1
-                if delta := text.push(self._piece(token)):
-                    yield delta
-                if text.stopped:
-                    stats.finish_reason = FinishReason.STOP
-                    return
-                if stats.completion_tokens >= max_tokens:
-                    stats.finish_reason = FinishReason.LENGTH
-                    break
-                if cancelled():
-                    return
-        finally:
-            tokens.close()
-        if tail := text.finish():
-            yield tail
+    def piece(self, token: int) -> bytes:
+        return self._piece(token)
 
-    # -- the KV cache, for sessions (kvstates.py) -------------------------------------------
+    # -- the KV cache's sequences (kvstates.py) -------------------------------------------
 
-    def kv_tokens(self) -> list[int]:
-        """The tokens whose keys and values are in the context now."""
-        tokens: list[int] = self._llm.input_ids[: self._llm.n_tokens].tolist()
-        return tokens
+    def seq_drop(self, seq: int, start: int = 0) -> bool:
+        """Forget sequence `seq` from position `start` on; False if the model cannot cut its
+        state there (recurrent models): then the whole sequence is gone."""
+        if llama_cpp.llama_memory_seq_rm(self._memory, seq, start, -1):
+            return True
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
+        return False
 
-    @property
-    def kv_restorable(self) -> bool:
-        """Recurrent and hybrid models keep no per-token cache to save and cut back."""
-        return self._prefix_reusable
+    def seq_copy(self, source: int, target: int, n: int) -> None:
+        """Sequence `target` also holds `source`'s first n positions (the cells are shared)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, n)
 
-    def save_kv(self) -> bytearray:
-        """The KV cache of the context's one sequence, to load_kv() later."""
-        ctx = self._llm.ctx
-        data = bytearray(llama_cpp.llama_state_seq_get_size(ctx, 0))
+    def seq_save(self, seq: int) -> bytearray:
+        """Sequence `seq`'s KV cache, to seq_load() later, into any sequence."""
+        ctx = self._ctx.ctx
+        data = bytearray(llama_cpp.llama_state_seq_get_size(ctx, seq))
         buf = (ctypes.c_uint8 * len(data)).from_buffer(data)  # written in place: one copy
-        n = llama_cpp.llama_state_seq_get_data(ctx, buf, len(data), 0)
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, len(data), seq)
         del buf  # a view of data: it must go before data may be resized
         del data[n:]
         return data
 
-    def load_kv(self, tokens: list[int], data: bytearray) -> bool:
-        """Put back a save_kv() taken when kv_tokens() was `tokens`; False if llama.cpp
-        refused it (the cache is then empty: the next prompt is processed whole)."""
-        llm = self._llm
-        llm.n_tokens = 0
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        if not self._prefix_reusable or len(tokens) > self.settings.context_length:
-            return False
+    def seq_load(self, seq: int, data: bytearray) -> bool:
+        """Put a seq_save() into the (empty) sequence `seq`; False if llama.cpp refused it
+        (no room in the pool, another model): the sequence is then empty."""
         src = (ctypes.c_uint8 * len(data)).from_buffer(data)
-        if llama_cpp.llama_state_seq_set_data(llm.ctx, src, len(data), 0) != len(data):
-            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-            return False
-        llm.input_ids[: len(tokens)] = tokens
-        llm.n_tokens = len(tokens)
-        return True
+        if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, src, len(data), seq) == len(data):
+            return True
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
+        return False
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = self._piece_buf  # reused: this runs once per generated token
@@ -274,8 +304,8 @@ class Engine:
     # -- description -----------------------------------------------------------------------
 
     def _model_info(self) -> ModelInfo:
-        meta = self._llm.metadata
-        model = self._llm.model
+        meta = self._metadata
+        model = self._model.model
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(model, buf, len(buf))
         # "qwen2 1B Q4_K - Medium": architecture, size class, then the quantization.
@@ -293,7 +323,11 @@ class Engine:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._llm.close()
+            if self._batch is not None:
+                llama_cpp.llama_batch_free(self._batch)
+                self._batch = None
+            self._ctx.close()  # the context before its model
+            self._model.close()
 
 
 def read_shape(path: Path) -> ModelShape:
@@ -344,12 +378,3 @@ def cpu_features_used(info: str) -> tuple[str, ...]:
         if name and value.strip() == "1":
             features.append(name)
     return tuple(features)
-
-
-def _common_prefix(a: Iterable[int], b: Iterable[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

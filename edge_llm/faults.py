@@ -8,17 +8,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
+from typing import Any
 
-from edge_llm.admission import EngineLike
-from edge_llm.types import GenerateRequest, GenerationStats
+from edge_llm.decoding import SamplerLike, StepEngine
+from edge_llm.types import Part, Sampling
 
 log = logging.getLogger(__name__)
 
 ENV = "EDGE_LLM_TEST_FAULT"
 
 
-def engine(real: EngineLike) -> EngineLike:
+def engine(real: StepEngine) -> StepEngine:
     """`real`, or with EDGE_LLM_TEST_FAULT=wedge-worker an engine that hangs from the second
     request on (the first is the warm-up), as on a stuck llama_decode: the watchdog's pings
     must stop."""
@@ -29,18 +30,24 @@ def engine(real: EngineLike) -> EngineLike:
 
 
 class _Wedged:
-    def __init__(self, real: EngineLike) -> None:
+    def __init__(self, real: StepEngine) -> None:
         self._real = real
-        self._warmed_up = False
+        self._requests = 0
 
-    def generate(
-        self,
-        prompt: list[int],
-        request: GenerateRequest,
-        cancelled: Callable[[], bool],
-        stats: GenerationStats,
-    ) -> Iterator[str]:
-        if self._warmed_up:
+    def sampler(self, sampling: Sampling) -> SamplerLike:
+        self._requests += 1  # a sampler per request
+        return self._real.sampler(sampling)
+
+    def decode(self, parts: Sequence[Part]) -> list[int]:
+        if self._requests > 1:
             threading.Event().wait()
-        self._warmed_up = True
-        return self._real.generate(prompt, request, cancelled, stats)
+        return self._real.decode(parts)
+
+    def sample(self, sampler: Any, row: int) -> int:
+        return self._real.sample(sampler, row)
+
+    def is_end(self, token: int) -> bool:
+        return self._real.is_end(token)
+
+    def piece(self, token: int) -> bytes:
+        return self._real.piece(token)

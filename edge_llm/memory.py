@@ -3,8 +3,11 @@
 Resident memory of a serving process is, to a good approximation:
 - the weights: the GGUF file, memory-mapped, every page touched while generating;
 - the KV cache: layers x KV heads x (key + value head size) x element size, per token of context;
-- llama.cpp's compute buffer, dominated by the logits of one micro-batch: batch x vocabulary x 4
-  bytes (152k-token vocabularies make this 150 MiB at batch 256);
+- the KV cache is one pool shared by the requests that run at once (`parallel`);
+- llama.cpp's compute buffer: the activations of one batch and its attention mask, and the
+  logits of the rows sampled from (one per sequence; a whole batch's would be 150 MiB at batch
+  256 for a 152k-token vocabulary). Flash attention keeps the attention scores out of it;
+  without, they take n_ctx x batch x heads x 4 bytes (117 MiB at 8192 x 256 for the default);
 - the runtime: Python, gRPC, numpy, llama-cpp-python and weights llama.cpp repacks for the CPU;
 - the sessions' saved KV caches kept in memory (a configured budget; the rest go to disk).
 BENCHMARKS.md compares the plan with measured peak RSS.
@@ -20,10 +23,14 @@ DEFAULT_CAP = 2 * GIB  # the appliance's budget when nothing else is tighter
 OS_HEADROOM = 256 * MIB  # physical memory left to the system: kernel, journald, sshd, ...
 AUTO_CONTEXT = 8192  # the context when none is configured, if the plan allows it
 RUNTIME_BYTES = 192 * MIB  # measured: up to 163 MiB (Python, gRPC, numpy, repacked weights)
-COMPUTE_MARGIN = 1.1  # llama.cpp's compute buffer measured 1-2 % above the logits term
+COMPUTE_PER_EMBD = 80  # compute buffer bytes per batch token and embedding value (measured <= 77)
+COMPUTE_FIXED = 4 * MIB
 MIN_CONTEXT = 512
 CONTEXT_STEP = 256
 CACHE_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 values in 34 bytes
+MAX_PARALLEL = 4  # the most requests the plan lets decode at once (2 cores: 2.5x the tokens/s)
+IDLE_SEQUENCES = 8  # KV sequences beyond the running ones: caches kept resident for reuse
+PROMPT_ALLOWANCE = 512  # prompt tokens planned per running request, beside its answer
 
 
 class MemoryPlanError(Exception):
@@ -56,6 +63,7 @@ class MemoryPlan:
     cache_type: str
     sessions: int = 0
     budget_why: str = ""  # what set the budget
+    parallel: int = 1  # requests that decode at once, sharing the KV cache
 
     @property
     def kv(self) -> int:
@@ -66,6 +74,10 @@ class MemoryPlan:
         return self.weights + self.kv + self.compute + self.runtime + self.sessions
 
     @property
+    def sequences(self) -> int:
+        return self.parallel + IDLE_SEQUENCES
+
+    @property
     def shrunk(self) -> bool:
         return self.context_length < self.requested_context
 
@@ -74,7 +86,8 @@ class MemoryPlan:
         return (
             f"{self.total / MIB:.0f} MiB of {self.budget / MIB:.0f} MiB{why}: weights "
             f"{self.weights / MIB:.0f}, KV cache {self.kv / MIB:.0f} ({self.context_length} tokens "
-            f"x {self.kv_per_token / 1024:.1f} KiB, {self.cache_type}), compute "
+            f"x {self.kv_per_token / 1024:.1f} KiB, {self.cache_type}, shared by {self.parallel} "
+            f"requests at once), compute "
             f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}, saved sessions "
             f"{self.sessions / MIB:.0f}"
         )
@@ -126,20 +139,30 @@ def plan(
     cache_type: str = "f16",
     sessions_bytes: int = 0,
     budget_why: str = "",
+    parallel: int = 0,
+    answer_tokens: int = 512,
 ) -> MemoryPlan:
-    """The largest context up to the requested one that fits the budget.
+    """The largest context up to the requested one that fits the budget, and how many
+    requests decode at once (`parallel`, 0: as many as the context has room for, each with
+    PROMPT_ALLOWANCE prompt tokens and `answer_tokens`, up to MAX_PARALLEL).
 
     Memory for saved session caches is given up first (they go to disk instead), then
     context. Raises MemoryPlanError when not even MIN_CONTEXT tokens fit.
     """
     per_token = kv_bytes_per_token(shape, cache_type)
-    compute = int(COMPUTE_MARGIN * batch_size * 4 * (shape.n_vocab + 2 * shape.n_embd))
+    outputs = (parallel or MAX_PARALLEL) + IDLE_SEQUENCES
+
+    def compute_at(context: int) -> int:
+        return compute_bytes(shape, batch_size, outputs, context)
+
     wanted = min(requested_context, shape.trained_context or requested_context)
-    spare = budget_bytes - shape.weights_bytes - compute - RUNTIME_BYTES - wanted * per_token
-    sessions_bytes = max(0, min(sessions_bytes, spare))
-    fixed = shape.weights_bytes + compute + RUNTIME_BYTES + sessions_bytes
-    fits = (budget_bytes - fixed) // per_token if budget_bytes > fixed else 0
+    spare = budget_bytes - shape.weights_bytes - compute_at(wanted) - RUNTIME_BYTES
+    sessions_bytes = max(0, min(sessions_bytes, spare - wanted * per_token))
+    fixed = shape.weights_bytes + compute_at(0) + RUNTIME_BYTES + sessions_bytes
+    grows = per_token + compute_at(1) - compute_at(0)  # a token of context costs both
+    fits = (budget_bytes - fixed) // grows if budget_bytes > fixed else 0
     context = wanted if fits >= wanted else fits // CONTEXT_STEP * CONTEXT_STEP
+    compute = compute_at(context)
     result = MemoryPlan(
         budget_bytes,
         shape.weights_bytes,
@@ -151,6 +174,7 @@ def plan(
         cache_type,
         sessions_bytes,
         budget_why,
+        parallel or max(1, min(MAX_PARALLEL, context // (PROMPT_ALLOWANCE + answer_tokens))),
     )
     if context < min(MIN_CONTEXT, wanted):
         why = f" ({budget_why})" if budget_why else ""
@@ -163,3 +187,11 @@ def plan(
             "a smaller model or batch size, or raise the memory limit"
         )
     return result
+
+
+def compute_bytes(shape: ModelShape, batch_size: int, outputs: int, context: int) -> int:
+    """llama.cpp's compute and output buffers, with flash attention: per batch token its
+    activations (measured 47-77 x n_embd bytes) and its attention mask row (2 bytes per cell of
+    context), `outputs` rows of logits (one per sequence), and a few MiB more."""
+    per_batch_token = 2 * context + COMPUTE_PER_EMBD * shape.n_embd
+    return batch_size * per_batch_token + 4 * outputs * shape.n_vocab + COMPUTE_FIXED

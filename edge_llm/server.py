@@ -33,11 +33,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from edge_llm import backend, faults, hardware, memory, models, sessions
-from edge_llm.admission import Job, Scheduler
+from edge_llm.admission import Scheduler
 from edge_llm.appliance import TOKENIZERS, Appliance, Loaded
 from edge_llm.checks import Limits
 from edge_llm.config import Config
 from edge_llm.conversations import Conversations
+from edge_llm.decoding import Job
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
 from edge_llm.grpc_api import EdgeLLMService
 from edge_llm.http_api import build_app, is_loopback
@@ -92,12 +93,14 @@ class Server:
 
     def start(self) -> int:
         """Open the port with health NOT_SERVING; return the port (config.port 0 picks one)."""
-        # A handler thread per call that waits: every Generate the queue holds (and the
-        # running one), every tokenization running or in line, every reflection stream, and
-        # some spare. Each of these is bounded, and refused beyond its bound; a call that
+        # A handler thread per call that waits: every Generate the queue holds and every one
+        # running (the plan chooses how many once the model is read: at most MAX_PARALLEL
+        # unless configured), every tokenization running or in line, every reflection stream,
+        # and some spare. Each of these is bounded, and refused beyond its bound; a call that
         # finds every thread busy waits its turn. Health checks run on threads of their own.
-        queue = self.config.queue_depth
-        workers = (queue + 1) + (TOKENIZERS + queue) + _REFLECTION_STREAMS + _SPARE_HANDLER_THREADS
+        queue, parallel = self.config.queue_depth, self.config.parallel or memory.MAX_PARALLEL
+        generations = queue + parallel
+        workers = generations + (TOKENIZERS + queue) + _REFLECTION_STREAMS + _SPARE_HANDLER_THREADS
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", self.limits.max_request_bytes)],
@@ -144,17 +147,27 @@ class Server:
         self.limits = replace(self.limits, context_length=plan.memory.context_length)
         self.core.limits = self.limits
         engine = self._engine = self._read_model(plan.settings, plan.cpu.variant)
+        settings = plan.settings
         kv = KVStates(
             engine,
+            settings.sequences,
+            settings.context_length,
             self.state_dir / "kv",
             plan.memory.sessions,
             self.config.session_disk_mb * memory.MIB or None,
         )
-        scheduler = self._scheduler = Scheduler(faults.engine(engine), self.config.queue_depth, kv)
+        scheduler = self._scheduler = Scheduler(
+            faults.engine(engine),
+            kv,
+            settings.parallel,
+            self.config.queue_depth,
+            settings.batch_size,
+        )
         scheduler.start()
         conversations = self._open_sessions(engine, kv, plan.settings.context_length)
         runtime = _runtime_info(plan)
         _warm_up(engine, scheduler)
+        kv.clear()
         self.core.loaded = Loaded(
             engine, scheduler, runtime, engine.info, plan.memory, conversations
         )
@@ -240,7 +253,7 @@ class Server:
         tokens = sum(s.completion_tokens - 1 for s in recent)
         seconds = sum((s.last_token_at or 0) - (s.first_token_at or 0) for s in recent)
         speed = f"{tokens / seconds:.1f} tokens/s recently" if seconds > 0 else "no answers yet"
-        running = 1 if scheduler.running is not None else 0
+        running = len(scheduler.running)
         return (
             f"serving {loaded.model.name} on {self.config.host}:{self.port}; cpu {r.cpu_variant}, "
             f"{r.threads}/{r.threads_batch} threads; served {scheduler.served}, {speed}; "
@@ -268,7 +281,7 @@ class Server:
         # NOT_SERVING for "" and the service, pushed to Watch streams; later set()s are ignored.
         self.health.enter_graceful_shutdown()
         self.serving = False
-        busy = 0 if scheduler is None else scheduler.waiting + (scheduler.running is not None)
+        busy = 0 if scheduler is None else scheduler.waiting + len(scheduler.running)
         self.notifier.stopping(
             f"stopping: {busy} requests get up to {drain:g} s to finish",
             drain + _WORKER_STOP_SECONDS + 3 * _FLUSH_SECONDS + 5,  # the steps after the drain
@@ -311,7 +324,7 @@ class Server:
         deadline = time.monotonic() + seconds
         while not scheduler.drain(min(0.5, max(0.0, deadline - time.monotonic()))):
             if self._hurry.is_set() or time.monotonic() >= deadline:
-                left = scheduler.waiting + (scheduler.running is not None)
+                left = scheduler.waiting + len(scheduler.running)
                 log.warning("stopping: cutting off %d unfinished requests", left)
                 return
 
@@ -348,6 +361,8 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
         config.context_length or memory.AUTO_CONTEXT,
         config.batch_size,
         limit.bytes,
+        parallel=config.parallel,
+        answer_tokens=config.default_max_tokens,
         sessions_bytes=config.session_cache_mb * memory.MIB,
         budget_why=limit.why,
     )
@@ -356,6 +371,8 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
         batch_size=config.batch_size,
         threads=config.threads or threads.generation,
         threads_batch=config.threads_batch or threads.prompt,
+        parallel=plan.parallel,
+        sequences=plan.sequences,
     )
     why = "configured" if config.threads or config.threads_batch else threads.why
     return ResourcePlan(board, cpu, settings, why, plan)

@@ -46,9 +46,19 @@ class GenerateRequest:
     session_id: str | None = None  # the KV cache to continue from (the engine's worker)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One sequence's share of a batch: `tokens` go into sequence `seq` from position `pos`."""
+
+    seq: int
+    pos: int
+    tokens: tuple[int, ...] | list[int]
+    output: bool  # logits for the last token: something is sampled from it
+
+
 @dataclass
 class GenerationStats:
-    """Filled in by Engine.generate while it runs; read by the scheduler when it ends."""
+    """Filled in as a request runs (decoding.py); read by the scheduler when it ends."""
 
     prompt_tokens: int = 0
     prompt_tokens_reused: int = 0  # already in the KV cache from the previous request

@@ -18,9 +18,10 @@ import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
-from edge_llm.admission import Job, Scheduler
+from edge_llm.admission import Scheduler
 from edge_llm.config import Config
 from edge_llm.conversations import Conversations
+from edge_llm.decoding import Job
 from edge_llm.server import Server
 
 
@@ -237,16 +238,18 @@ class FakeClock:
 
 
 class Hold:
-    """Holds the engine's worker at its next check-in (between prompt batches, between
-    tokens) for a job that `matches`, until release(): what happens meanwhile happens while
+    """Holds the engine's worker at its next check-in (before each step: a token, or a prompt
+    chunk) for a job that `matches`, until release(): what happens meanwhile happens while
     that job is mid-prompt or mid-answer, whatever the machine's speed."""
 
     def __init__(self, scheduler: Scheduler, matches: Callable[[Job], bool]) -> None:
         self.reached, self._go = threading.Event(), threading.Event()
+        self.job: Job | None = None  # the job it holds, once reached
         check_in = scheduler._check_in
 
         def holding(job: Job) -> bool:
             if matches(job) and not self._go.is_set():
+                self.job = job
                 self.reached.set()
                 self._go.wait(60)
             return check_in(job)

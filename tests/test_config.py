@@ -30,6 +30,8 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("port = 70000\n", "port must be in"),
         ("queue_depth = 0\n", "queue_depth must be > 0"),
         ("max_tokens = 10\ndefault_max_tokens = 20\n", "default_max_tokens"),
+        ("parallel = 300\n", "parallel (300) must be at most batch_size (256)"),
+        ("parallel = -1\n", "parallel must be >= 0"),
         ("port = [\n", "not valid TOML"),
     ],
 )

@@ -77,41 +77,91 @@ def test_refusals_name_the_cause(tmp_path: Path) -> None:
 
 
 class FakeEngine:
+    """The KV cache side of an engine: records what it is asked to do."""
+
     kv_restorable = True
 
     def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.loaded: list[list[int]] = []
+        self.loaded: list[int] = []  # sequences a saved cache went into
+        self.copies: list[tuple[int, int, int]] = []
 
-    def kv_tokens(self) -> list[int]:
-        return list(self.tokens)
+    def seq_drop(self, seq: int, start: int = 0) -> bool:
+        return True
 
-    def save_kv(self) -> bytearray:
+    def seq_copy(self, source: int, target: int, n: int) -> None:
+        self.copies.append((source, target, n))
+
+    def seq_save(self, seq: int) -> bytearray:
         return bytearray(b"k" * 100)
 
-    def load_kv(self, tokens: list[int], data: bytearray) -> bool:
-        self.tokens = tokens
-        self.loaded.append(tokens)
+    def seq_load(self, seq: int, data: bytearray) -> bool:
+        self.loaded.append(seq)
         return True
+
+
+def turn(kv: KVStates, session_id: str | None, prompt: list[int]) -> int:
+    """A request's life as the scheduler sees it; how many prompt tokens it found cached."""
+    slot, reused = kv.acquire(session_id, prompt, len(prompt) + 4)
+    slot.tokens.extend(prompt[reused:])  # what decoding puts in the cache
+    kv.release(slot)
+    return reused
+
+
+def files(tmp_path: Path) -> list[str]:
+    return sorted(p.stem for p in (tmp_path / "kv").glob("*.kv"))
 
 
 def test_saved_caches_spill_to_disk_come_back_and_are_forgotten(tmp_path: Path) -> None:
     engine = FakeEngine()
-    kv = KVStates(engine, tmp_path / "kv", memory_budget=150, disk_budget=10_000)
+    kv = KVStates(engine, 1, 1000, tmp_path / "kv", memory_budget=150, disk_budget=10_000)
     for session, tokens in (("a", [1, 2]), ("b", [3]), ("c", [4])):
-        kv.activate(session)
-        engine.tokens = tokens
-    # a and b were saved when the next took the engine; only one fits in memory.
-    assert (tmp_path / "kv" / "a.kv").is_file() and kv.memory_bytes == 100
-    kv.activate("a")
-    assert engine.loaded[-1] == [1, 2] and not (tmp_path / "kv" / "a.kv").exists()
+        turn(kv, session, tokens)
+    # a and b were saved when the next took the one sequence; only one fits in memory.
+    assert files(tmp_path) == ["a"] and kv.memory_bytes == 100
+    assert turn(kv, "a", [1, 2, 5]) == 2 and engine.loaded == [0]
+    assert files(tmp_path) == ["b"]  # c, saved as a came back, pushed b out of memory
 
     kv.forget("b")  # deleted while a request of b's is still queued
-    kv.activate("b")
-    assert kv.owner is None and engine.loaded[-1] == [1, 2]  # nothing loaded for b
-    assert not (tmp_path / "kv" / "b.kv").exists()
-    kv.activate("c")
-    assert engine.loaded[-1] == [4] and kv.memory_bytes == 100  # c back from disk, a kept
+    assert turn(kv, "b", [3, 6]) == 0 and engine.loaded == [0]  # nothing loaded for b
+    assert files(tmp_path) == ["c"]  # b's file is gone; a, saved as b came, pushed c out
+    assert turn(kv, "c", [4, 7]) == 1 and kv.memory_bytes == 100  # c from disk, a kept
+
+
+def test_caches_stay_resident_while_there_are_sequences_for_them(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    kv = KVStates(engine, 3, 1000, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
+    turn(kv, "a", [1, 2, 3])
+    turn(kv, "b", [4, 5])
+    assert turn(kv, "a", [1, 2, 3, 6]) == 3  # still in its sequence: nothing saved or loaded
+    assert engine.loaded == [] and kv.memory_bytes == 0
+    kv.forget("b")
+    turn(kv, None, [7])  # the next request drops b's resident cache: it must not outlive b
+    assert all(s.owner != "b" and s.tokens != [4, 5] for s in kv.slots)
+
+
+def test_a_shared_prefix_is_copied_from_another_sequence(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    kv = KVStates(engine, 3, 1000, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
+    system = [9, 9, 9, 9]
+    turn(kv, "a", [*system, 1, 2])
+    assert turn(kv, None, [*system, 3]) == 4  # a request without a session: the system prompt
+    source = next(s for s in kv.slots if s.owner == "a")
+    assert engine.copies == [(source.seq, engine.copies[0][1], 4)] and source.tokens[:4] == system
+    assert turn(kv, "b", [*system, 5]) == 4  # and a new session's first turn
+    assert len(engine.copies) == 2
+
+
+def test_idle_caches_give_way_when_a_request_needs_the_cells(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    kv = KVStates(engine, 3, 20, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
+    turn(kv, "a", [1] * 8)  # 8 cells held after its turn
+    turn(kv, "b", [2] * 8)
+    assert kv.fits(12)  # held by idle caches, not reserved: they give way
+    slot, _ = kv.acquire("c", [3] * 8, 12)
+    assert kv.memory_bytes == 100  # a, the least recently used, was saved to make room
+    assert not kv.fits(10)  # 12 reserved + 10 > 20
+    kv.release(slot)
+    assert turn(kv, "a", [1] * 9) == 8 and engine.loaded  # a comes back
 
 
 def test_idle_sessions_go_while_the_server_is_used(tmp_path: Path, monkeypatch) -> None:
@@ -141,20 +191,19 @@ def test_idle_sessions_go_while_the_server_is_used(tmp_path: Path, monkeypatch) 
 
 def test_spilled_caches_stay_within_the_disk_budget(tmp_path: Path) -> None:
     engine = FakeEngine()
-    kv = KVStates(engine, tmp_path / "kv", memory_budget=0, disk_budget=250)  # 2 files of 116
-    for i, session_id in enumerate("abcd"):
-        kv.activate(session_id)
-        engine.tokens = [i]
-    kv.activate(None)  # d's cache goes to disk too; a and b made room for c and d
-    assert sorted(p.stem for p in (tmp_path / "kv").glob("*.kv")) == ["c", "d"]
+    kv = KVStates(engine, 1, 1000, tmp_path / "kv", memory_budget=0, disk_budget=250)
+    for i, session_id in enumerate("abcd"):  # files of 116 bytes: 2 fit
+        turn(kv, session_id, [i])
+    turn(kv, None, [9])  # d's cache goes to disk too; a and b made room for c and d
+    assert files(tmp_path) == ["c", "d"]
     assert kv.disk_bytes == 2 * 116
-    kv.activate("a")  # its cache was deleted: its history is processed instead
+    turn(kv, "a", [0, 1])  # its cache was deleted: its history is processed instead
     assert engine.loaded == []
-    kv.activate("c")  # c back from disk (its file gone); a's cache, just saved, goes there
-    assert engine.loaded == [[2]]
-    assert sorted(p.stem for p in (tmp_path / "kv").glob("*.kv")) == ["a", "d"]
-    assert kv.free_disk() == 2 * 116
-    assert list((tmp_path / "kv").glob("*.kv")) == [] and kv.disk_bytes == 0
+    turn(kv, "c", [2, 1])  # c back from disk (its file gone); a's cache, just saved, goes there
+    assert engine.loaded == [0]
+    assert files(tmp_path) == ["a", "d"]
+    assert kv.free_disk() == 120 + 116  # a now holds 2 tokens
+    assert files(tmp_path) == [] and kv.disk_bytes == 0
 
 
 def test_after_a_full_disk_caches_do_not_refill_the_space_freed(tmp_path, monkeypatch) -> None:
@@ -163,16 +212,16 @@ def test_after_a_full_disk_caches_do_not_refill_the_space_freed(tmp_path, monkey
     from edge_llm import kvstates
 
     engine = FakeEngine()
-    kv = KVStates(engine, tmp_path / "kv", memory_budget=0, disk_budget=10_000)
-    kv.activate("a")
-    kv.activate("b")  # a's cache on disk
-    assert kv.disk_bytes == 112
+    kv = KVStates(engine, 1, 1000, tmp_path / "kv", memory_budget=0, disk_budget=10_000)
+    turn(kv, "a", [1, 2, 3])
+    turn(kv, "b", [4, 5, 6])  # a's cache on disk
+    assert kv.disk_bytes == 124
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(kvstates.shutil, "disk_usage", lambda _: usage._replace(free=400))
     kv.free_disk()
     assert kv.disk_budget == 100  # a quarter of what is free now
-    kv.activate("c")  # b's cache (112 bytes) no longer fits: not written
-    assert kv.disk_bytes == 0 and list((tmp_path / "kv").glob("*.kv")) == []
+    turn(kv, "c", [7])  # b's cache (124 bytes) no longer fits: not written
+    assert kv.disk_bytes == 0 and files(tmp_path) == []
     for n in range(3000):
         kv.forget(f"gone-{n}")
     assert len(kv._forgotten) <= 1024  # bounded

@@ -136,7 +136,7 @@ def test_stop_ends_the_generation_on_the_server(tab: Watched, web: Server) -> No
     try:
         ask(page, "Count from one to one hundred.")
         assert hold.reached.wait(60)
-        job = scheduler.running
+        job = hold.job
         assert job is not None
         page.get_by_role("button", name="Stop", exact=True).click()
         assert job.cancelled.wait(60)  # the server's worker still waits after token 2

@@ -125,7 +125,7 @@ def test_stop_cancels_within_one_token_and_keeps_nothing(
     try:
         send(ws, sid, "Count to a thousand.")
         assert hold.reached.wait(60)
-        job = scheduler.running
+        job = hold.job
         assert job is not None
         ws.send(json.dumps({"type": "stop"}))
         assert job.cancelled.wait(60)  # while the worker still waits after token 2
@@ -147,7 +147,7 @@ def test_closing_the_page_cancels_its_answer(base: str, server: Server) -> None:
         with connect(f"ws://127.0.0.1:{server.http_port}/api/chat") as socket:
             send(socket, sid, "Count to a thousand.")
             assert hold.reached.wait(60)
-            job = scheduler.running
+            job = hold.job
             assert job is not None
         assert job.cancelled.wait(60)
     finally:
