@@ -26,8 +26,9 @@ from edge_llm.textstream import TextStream
 from edge_llm.types import Chunk, FinishReason, GenerateRequest, GenerationStats, Part, Sampling
 
 # Prompt tokens per step while other sequences are answering: each of their next tokens then
-# waits for this many prompt tokens too (BENCHMARKS.md measures the longest gap it makes).
-PROMPT_CHUNK = 64
+# waits for this many prompt tokens too (BENCHMARKS.md measures the longest gap it makes), and
+# a chat message of this size still gets its first token after one step.
+PROMPT_CHUNK = 128
 
 _ids = itertools.count(1)
 

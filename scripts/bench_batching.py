@@ -7,7 +7,8 @@ are asked in turns, the same requests through the same client: streaming POST
 tokens. Each request starts with its own number, so no KV cache is reused across requests.
 Measured, per round and server:
 
-- streams N: N requests at once; aggregate tokens/s = all tokens / wall time;
+- N streams: N requests at once; the aggregate decode rate while all N stream, and all tokens
+  over the wall time (their prompts included);
 - ttft beside 3: time to first token of a ~100-token request while 3 others stream (median);
 - gap: the longest pause between two tokens of a running stream while a 2000-token prompt
   arrives, and that prompt's own time to first token.
@@ -92,8 +93,10 @@ def stream(
     return s
 
 
-def at_once(base: str, n: int, tokens: int) -> float:
-    """n streams at once: all tokens / wall time."""
+def at_once(base: str, n: int, tokens: int) -> tuple[float, float]:
+    """n streams at once: all tokens / wall time (prompts included); and the decode rate
+    while all n stream (tokens in the window from the last first token to the first last
+    token, per second of it)."""
     results: list[Stream] = []
     start = time.perf_counter()
     threads = [
@@ -105,7 +108,9 @@ def at_once(base: str, n: int, tokens: int) -> float:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return sum(len(s.times) for s in results) / wall
+    begin, end = max(s.times[0] for s in results), min(s.times[-1] for s in results)
+    inside = sum(1 for s in results for x in s.times if begin < x <= end)
+    return sum(len(s.times) for s in results) / wall, inside / (end - begin)
 
 
 def ttft_beside(base: str, others: int, tokens: int) -> float:
@@ -219,6 +224,7 @@ def main() -> None:
 
     def record(name: str, server: str, value: float) -> None:
         results.setdefault(name, {}).setdefault(server, []).append(value)
+        print(f"{server}: {name} {value:.1f}", file=sys.stderr, flush=True)
 
     for parallel, scenarios in ((4, ("1", "4", "ttft", "gap")), (8, ("8",))):
         servers = {
@@ -233,7 +239,9 @@ def main() -> None:
                     for what in scenarios:
                         if what.isdigit():
                             n = int(what)
-                            record(f"streams {n} (tokens/s)", name, at_once(base, n, args.tokens))
+                            overall, decode = at_once(base, n, args.tokens)
+                            record(f"{n} streams: decode tokens/s, all streaming", name, decode)
+                            record(f"{n} streams: tokens/s, prompts included", name, overall)
                         elif what == "ttft":
                             ms = [ttft_beside(base, 3, args.tokens) * 1e3 for _ in range(3)]
                             record("ttft beside 3 (ms)", name, statistics.median(ms))

@@ -182,3 +182,42 @@ def test_a_shared_system_prompt_is_copied_between_sequences(batching: Server, st
     list(stub.Generate(again, timeout=60))
     stats = list(scheduler.recent)[-1].stats
     assert stats.prompt_tokens - stats.prompt_tokens_reused < 20  # its own cache, intact
+
+
+def test_a_cache_moved_between_sequences_predicts_as_it_did(tiny_model: Path) -> None:
+    """Saved and loaded into another sequence, or copied to one, a cache gives the next token
+    the logits it gave where it was made (up to float order: the cells lie elsewhere); an empty
+    cache gives others. Logits, not greedy text: near-ties may flip a token."""
+    import llama_cpp
+    import numpy as np
+
+    from edge_llm.engine import Engine, EngineSettings
+    from edge_llm.types import Part
+
+    engine = Engine(tiny_model, EngineSettings(512, 64, 2, 2, parallel=2, sequences=4))
+
+    def next_logits(seq: int, pos: int, token: int) -> np.ndarray:
+        (row,) = engine.decode([Part(seq, pos, [token], True)])
+        ptr = llama_cpp.llama_get_logits_ith(engine._ctx.ctx, row)
+        return np.ctypeslib.as_array(ptr, shape=(engine._n_vocab,)).copy()
+
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+    try:
+        *context, last = engine.tokenize("The history of the printing press begins in", ())
+        n = len(context)
+        engine.decode([Part(0, 0, context, False)])
+        saved = engine.seq_save(0)
+        made = next_logits(0, n, last)
+        engine.seq_drop(0)
+        assert engine.seq_load(2, saved)
+        loaded = next_logits(2, n, last)
+        engine.seq_drop(2, n)  # back to the context alone
+        engine.seq_copy(2, 3, n)
+        copied = next_logits(3, n, last)
+        empty = next_logits(1, 0, last)
+        assert distance(made, loaded) < 1e-3 and distance(made, copied) < 1e-3
+        assert distance(made, empty) > 0.1
+    finally:
+        engine.close()

@@ -105,7 +105,7 @@ def test_each_turn_processes_only_its_new_tokens(server, stub) -> None:
     assert s.prompt_tokens_processed < s.prompt_tokens / 3  # the last turn: mostly reused
 
 
-def test_three_sessions_taking_turns_match_three_isolated_runs(server, stub) -> None:
+def test_three_sessions_taking_turns_keep_their_own_conversations(server, stub) -> None:
     systems = [
         "You are a geography tutor.",
         "You answer in one short sentence.",
@@ -132,11 +132,9 @@ def test_three_sessions_taking_turns_match_three_isolated_runs(server, stub) -> 
             for q, a in zip(questions[k], answers[k], strict=True)
             for role, text in (("user", q), ("assistant", a))
         ]
-        # The same question in a new session starts the same way. (Not always to the end:
-        # where other sequences' caches lie in the shared KV pool changes the order of float
-        # sums, llama.cpp #7052. A wrong or stale cache would change the answer at once.)
-        alone = new_session(stub, systems[k])
-        assert say(stub, alone, questions[k][0])[0][:16] == answers[k][0][:16], f"session {k}"
+    # That a cache that comes back holds what it held is checked on the logits themselves
+    # (test_batching.py): greedy answers compared across runs can part ways where other
+    # sequences' caches lie elsewhere in the shared KV pool (llama.cpp #7052).
 
 
 @pytest.fixture(scope="module")
