@@ -84,8 +84,7 @@ class Sampler:
         add = functools.partial(llama_cpp.llama_sampler_chain_add, chain)
         add(
             llama_cpp.llama_sampler_init_penalties(
-                n_vocab,
-                _PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+                n_vocab, _PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
             )
         )
         if s.temperature == 0:
