@@ -34,17 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from bench import TASK  # scripts/bench.py's kiosk question, about 100 tokens
 
 from edge_llm import models
 
-TASK = (
-    "You are the help desk of a bicycle shop's self-service terminal. Answer in plain words, "
-    "without lists or headings, and keep a warm, patient tone: the customer may be a child or "
-    "someone who has never repaired anything. If a repair needs special tools, say so and "
-    "suggest asking the staff at the counter. Question: my chain keeps jumping between gears "
-    "when I pedal hard uphill, and there is a clicking sound from the back wheel. What is "
-    "going on, and what can I do about it myself?"
-)
 _numbers = iter(range(1, 1_000_000))
 
 
