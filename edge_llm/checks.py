@@ -24,6 +24,7 @@ class Limits:
     max_tokens: int
     default_max_tokens: int
     queue_depth: int
+    parallel: int = 1  # requests that decode at once (the memory plan's, once loaded)
     max_stop_strings: int = 16
     max_stop_string_bytes: int = 256
     max_messages: int = 256

@@ -200,6 +200,6 @@ def _info(stub: pb_grpc.EdgeLLMStub, args: argparse.Namespace) -> int:
     print(
         f"limits   context {lim.context_length} tokens (model trained on "
         f"{m.trained_context_length}), max_tokens {lim.max_tokens} (default "
-        f"{lim.default_max_tokens}), queue {lim.queue_depth}"
+        f"{lim.default_max_tokens}), {lim.parallel} at once, queue {lim.queue_depth}"
     )
     return 0

@@ -37,6 +37,7 @@ def limits_to_pb(limits: Limits) -> pb.Limits:
         max_stop_string_bytes=limits.max_stop_string_bytes,
         max_messages=limits.max_messages,
         max_request_bytes=limits.max_request_bytes,
+        parallel=limits.parallel,
     )
 
 

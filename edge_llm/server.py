@@ -144,7 +144,9 @@ class Server:
     def _load(self) -> None:
         plan = plan_resources(self.config, self.model_path)
         self._say_plan(plan)
-        self.limits = replace(self.limits, context_length=plan.memory.context_length)
+        self.limits = replace(
+            self.limits, context_length=plan.memory.context_length, parallel=plan.memory.parallel
+        )
         self.core.limits = self.limits
         engine = self._engine = self._read_model(plan.settings, plan.cpu.variant)
         settings = plan.settings

@@ -71,6 +71,7 @@ def together(server: Server, calls: dict[str, dict[str, object]], stub) -> dict[
 
 
 def test_streams_at_once_all_finish_with_their_own_usage(batching: Server, stub) -> None:
+    assert stub.GetInfo(pb.GetInfoRequest()).limits.parallel == PARALLEL
     calls = {
         f"s{i}": dict(prompt=f"Story {i}: once upon a time", max_tokens=24, ignore_eos=True)
         for i in range(PARALLEL)

@@ -81,6 +81,7 @@ def test_get_info_describes_model_runtime_and_limits(server, stub, tiny_model: P
     assert info.runtime.threads == 2
     assert info.limits.context_length == 1024
     assert info.limits.queue_depth == 4
+    assert info.limits.parallel == 1  # 1024 cells: one request planned at 512 + 64 tokens
 
 
 def test_tokenize(stub) -> None:

@@ -60,6 +60,17 @@ def test_context_shrinks_to_the_budget_in_whole_steps() -> None:
     assert plan.total + plan.kv_per_token * memory.CONTEXT_STEP > 1000 * MIB  # no room left
 
 
+def test_parallel_requests_are_as_many_as_the_context_holds_up_to_four() -> None:
+    gib = memory.GIB
+    assert memory.plan(QWEN, 8192, 256, 2 * gib, answer_tokens=512).parallel == 4
+    assert memory.plan(QWEN, 2048, 256, 2 * gib, answer_tokens=512).parallel == 2
+    assert memory.plan(QWEN, 1024, 256, 2 * gib, answer_tokens=512).parallel == 1
+    configured = memory.plan(QWEN, 8192, 256, 2 * gib, parallel=8)
+    assert configured.parallel == 8 and configured.sequences == 8 + memory.IDLE_SEQUENCES
+    # Each sequence has a row of logits in the compute and output buffers.
+    assert configured.compute > memory.plan(QWEN, 8192, 256, 2 * gib).compute
+
+
 def test_context_never_exceeds_what_the_model_was_trained_on() -> None:
     assert memory.plan(QWEN, 100_000, 256, 8 * memory.GIB).context_length == 32768
 

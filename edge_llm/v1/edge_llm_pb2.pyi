@@ -339,7 +339,7 @@ class MemoryPlan(_message.Message):
     def __init__(self, budget_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., requested_context_length: _Optional[int] = ..., cache_type: _Optional[str] = ..., session_cache_bytes: _Optional[int] = ..., budget_reason: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("context_length", "max_tokens", "default_max_tokens", "queue_depth", "max_stop_strings", "max_stop_string_bytes", "max_messages", "max_request_bytes")
+    __slots__ = ("context_length", "max_tokens", "default_max_tokens", "queue_depth", "max_stop_strings", "max_stop_string_bytes", "max_messages", "max_request_bytes", "parallel")
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,7 @@ class Limits(_message.Message):
     MAX_STOP_STRING_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     context_length: int
     max_tokens: int
     default_max_tokens: int
@@ -356,4 +357,5 @@ class Limits(_message.Message):
     max_stop_string_bytes: int
     max_messages: int
     max_request_bytes: int
-    def __init__(self, context_length: _Optional[int] = ..., max_tokens: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    parallel: int
+    def __init__(self, context_length: _Optional[int] = ..., max_tokens: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., parallel: _Optional[int] = ...) -> None: ...
