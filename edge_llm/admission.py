@@ -221,7 +221,7 @@ class Scheduler:
             job = self._waiting.popleft()
             self._running.append(job)
             starting.append(job)
-            if not self._running[:-1]:
+            if len(self._running) == 1:
                 self._heartbeat = time.monotonic()  # busy from now on
         return starting
 

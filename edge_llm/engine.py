@@ -65,7 +65,6 @@ class EngineSettings:
     batch_size: int
     threads: int
     threads_batch: int
-    parallel: int = 1  # sequences that decode at once
     sequences: int = 1  # sequences the pool holds: the decoding ones, and idle ones kept
 
 
@@ -212,7 +211,7 @@ class Engine:
             return None
 
         def text_of(token: int) -> str:
-            return self._piece(token, special=True).decode(errors="replace") if token >= 0 else ""
+            return self.piece(token, special=True).decode(errors="replace") if token >= 0 else ""
 
         return Jinja2ChatFormatter(
             template=template,
@@ -256,9 +255,6 @@ class Engine:
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def piece(self, token: int) -> bytes:
-        return self._piece(token)
-
     # -- the KV cache's sequences (kvstates.py) -------------------------------------------
 
     def seq_drop(self, seq: int, start: int = 0) -> bool:
@@ -292,7 +288,7 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
         return False
 
-    def _piece(self, token: int, special: bool = False) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
         buf = self._piece_buf  # reused: this runs once per generated token
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:  # the buffer was too small; -n is the size needed

@@ -161,7 +161,7 @@ class Server:
         scheduler = self._scheduler = Scheduler(
             faults.engine(engine),
             kv,
-            settings.parallel,
+            plan.memory.parallel,
             self.config.queue_depth,
             settings.batch_size,
         )
@@ -373,7 +373,6 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
         batch_size=config.batch_size,
         threads=config.threads or threads.generation,
         threads_batch=config.threads_batch or threads.prompt,
-        parallel=plan.parallel,
         sequences=plan.sequences,
     )
     why = "configured" if config.threads or config.threads_batch else threads.why

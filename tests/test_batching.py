@@ -195,7 +195,7 @@ def test_a_cache_moved_between_sequences_predicts_as_it_did(tiny_model: Path) ->
     from edge_llm.engine import Engine, EngineSettings
     from edge_llm.types import Part
 
-    engine = Engine(tiny_model, EngineSettings(512, 64, 2, 2, parallel=2, sequences=4))
+    engine = Engine(tiny_model, EngineSettings(512, 64, 2, 2, sequences=4))
 
     def next_logits(seq: int, pos: int, token: int) -> np.ndarray:
         (row,) = engine.decode([Part(seq, pos, [token], True)])
