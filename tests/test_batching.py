@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import Hold, start_server, submissions
 
 from edge_llm.decoding import Job
@@ -222,3 +223,105 @@ def test_a_cache_moved_between_sequences_predicts_as_it_did(tiny_model: Path) ->
         assert distance(made, empty) > 0.1
     finally:
         engine.close()
+
+
+def draining(server: Server, drain: float) -> threading.Thread:
+    """server.stop(drain) in a thread, returned once the drain has begun (the service's health
+    Watch says NOT_SERVING)."""
+    stopping = threading.Thread(target=server.stop, kwargs=dict(drain=drain))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(service="edge_llm.v1.EdgeLLM"), timeout=60
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopping.start()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+    return stopping
+
+
+def test_a_drain_lets_every_running_and_queued_stream_finish(tiny_model: Path) -> None:
+    """Stopped with a grace period while two sequences are in the batch and one waits: new
+    calls are refused, and all three finish their answers before the server stops."""
+    server = start_server(tiny_model, parallel=2, queue_depth=4)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.EdgeLLMStub(ch)
+        scheduler = server.core.loaded.scheduler  # type: ignore[union-attr]
+        hold = Hold(scheduler, lambda job: len(scheduler.running) == 2 and scheduler.waiting == 1)
+        arrived = submissions(scheduler, 3)
+        out: dict[str, object] = {}
+        threads = [
+            threading.Thread(
+                target=generate,
+                args=(stub, out, f"d{i}"),
+                kwargs=dict(prompt=f"Drained {i}:", max_tokens=20, ignore_eos=True),
+            )
+            for i in range(3)
+        ]
+        try:
+            for t in threads:
+                t.start()
+            assert arrived.wait(60) and hold.reached.wait(60)
+            stopping = draining(server, 300)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(pb.GenerateRequest(prompt="Late:", max_tokens=4), timeout=60))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            hold.release()
+        for t in threads:
+            t.join(120)
+    stopping.join(300)
+    assert not stopping.is_alive()
+    for i in range(3):
+        result = out[f"d{i}"]
+        assert not isinstance(result, grpc.RpcError), result
+        text, last = result
+        assert text and last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == 20
+
+
+def test_the_end_of_a_drain_cuts_off_every_sequence_with_a_notice(tiny_model: Path) -> None:
+    """When the grace period ends, both sequences in the batch stop mid-answer and the waiting
+    request is dropped: each stream still gets its last message, saying why."""
+    server = start_server(tiny_model, parallel=2, queue_depth=4)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.EdgeLLMStub(ch)
+        scheduler = server.core.loaded.scheduler  # type: ignore[union-attr]
+        hold = Hold(
+            scheduler,
+            lambda job: (
+                scheduler.waiting == 1
+                and all(j.stats.completion_tokens >= 2 for j in scheduler.running)
+            ),
+        )
+        out: dict[str, object] = {}
+        threads = [
+            threading.Thread(
+                target=generate,
+                args=(stub, out, f"c{i}"),
+                kwargs=dict(prompt=f"Cut {i}:", max_tokens=400, ignore_eos=True),
+            )
+            for i in range(3)
+        ]
+        try:
+            for t in threads:
+                t.start()
+            assert hold.reached.wait(60)
+            cut = list(scheduler.running)
+            stopping = draining(server, 0)
+            assert all(job.cancelled.wait(60) for job in cut)
+        finally:
+            hold.release()
+        for t in threads:
+            t.join(120)
+    stopping.join(120)
+    assert not stopping.is_alive()
+    lasts = []
+    for i in range(3):
+        result = out[f"c{i}"]
+        assert not isinstance(result, grpc.RpcError), result
+        _, last = result
+        assert last.finish_reason == pb.FINISH_REASON_CANCELLED
+        assert "shutting down" in last.notice and "send the request again" in last.notice
+        lasts.append(last.usage.completion_tokens)
+    assert sorted(lasts)[0] == 0 and all(2 <= n < 400 for n in sorted(lasts)[1:])
