@@ -65,7 +65,7 @@ class EngineSettings:
     batch_size: int
     threads: int
     threads_batch: int
-    sequences: int = 1  # sequences the pool holds: the decoding ones, and idle ones kept
+    sequences: int = 1  # sequences in the pool: one per request decoding at once
 
 
 class EngineError(RuntimeError):

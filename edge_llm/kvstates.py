@@ -1,15 +1,23 @@
 """The KV cache's sequences: which conversation each holds, and where the others' caches wait.
 
-The engine's context has one pool of KV cells shared by a fixed number of sequences (slots).
-A running request holds a slot and has reserved the cells it may fill (its prompt and its
-longest answer), so running requests never run out of cells. An idle slot keeps its cache
-resident: a session's next turn, or any request that shares a prefix with it (a system prompt),
-starts from there, or copies that prefix into its own slot (cells are shared, not duplicated).
-When a slot or cells are needed, the least recently used idle slot gives way: a session's cache
-is saved first, in memory up to a budget (part of the memory plan), then spilled to files under
-the state directory up to a disk budget (beyond it, the least recently used files go). A lost or
-refused cache costs time, never correctness: the engine then processes the conversation from its
-history. So when the disk is full, the caches go first.
+The engine's context has one pool of KV cells shared by one sequence (slot) per request that
+decodes at once. A running request holds a slot and has reserved the cells it may fill (its
+prompt and its longest answer), so running requests never run out of cells.
+
+Every cell in the pool costs every step: llama.cpp's attention reads the mask of every cell up
+to the last one in use, whatever sequence it belongs to (a 107-token prompt took 6-30 % longer
+beside 8 idle caches; BENCHMARKS.md). So a finished request's cache stays in its slot only while
+nothing else runs, which is when a conversation's next turn usually comes: it then starts from
+there at no cost. Once another request runs beside it, the cache is saved and leaves the pool.
+Saved caches wait in memory up to a budget (part of the memory plan), least recently used first
+out: a session's then go to files under the state directory up to a disk budget (beyond it, the
+least recently used files go), a cache without a session is dropped.
+
+A request starts from the longest prefix of its prompt on hand: in its own slot, in a running
+sequence (copied: the cells are shared, not duplicated), or in a saved cache (loaded, then cut to
+the prefix). So a shared system prompt, or the earlier turns an OpenAI client sends again, is
+computed once. A lost or refused cache costs time, never correctness: the engine then processes
+the conversation from its history. So when the disk is full, the caches go first.
 
 acquire() and release() run on the engine's worker thread, the only one that touches the
 engine; forget() and free_disk() may come from any thread and only change bookkeeping.
@@ -17,6 +25,7 @@ engine; forget() and free_disk() may come from any thread and only change bookke
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import struct
@@ -50,13 +59,13 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # in its cache, from position 0
     owner: str | None = None  # the session whose conversation it holds
     reserved: int = 0  # > 0: a running request may fill it up to this many cells
-    used: int = 0  # when a request last took it (a counter), for least-recently-used
 
 
 @dataclass
 class _Saved:
     tokens: list[int]
     data: bytearray
+    session_id: str | None  # None: a request's without a session
 
 
 _AUTO_DISK_MAX = 2 << 30  # the automatic disk budget's cap
@@ -77,11 +86,12 @@ class KVStates:
         self._engine = engine
         self.slots = [Slot(seq) for seq in range(sequences)]
         self.pool = pool  # cells shared by every slot
-        self._clock = 0
         self._dir = directory
         self.memory_budget = memory_budget
-        self._memory: OrderedDict[str, _Saved] = OrderedDict()  # least recently used first
+        # Saved caches, least recently used first: by session id, or "#n" without a session.
+        self._memory: OrderedDict[str, _Saved] = OrderedDict()
         self._memory_bytes = 0
+        self._stateless = itertools.count(1)
         self._disk: OrderedDict[str, int] = OrderedDict()  # spilled file sizes, oldest first
         self._disk_bytes = 0
         # Deleted: a job of theirs still queued saves nothing. Bounded: the last ones suffice.
@@ -98,107 +108,119 @@ class KVStates:
     # -- the engine's worker ---------------------------------------------------------------
 
     def fits(self, cells: int) -> bool:
-        """Whether a request that may fill `cells` cells can start now (idle slots give way)."""
+        """Whether a request that may fill `cells` cells can start now (idle caches give way)."""
         with self._lock:
             running = [s for s in self.slots if s.reserved]
             reserved = sum(s.reserved for s in running)
             return len(running) < len(self.slots) and reserved + cells <= self.pool
 
     def acquire(self, session_id: str | None, prompt: list[int], cells: int) -> tuple[Slot, int]:
-        """A slot for a request that fits(): the session's own, or the one that saves the most
-        work; its cache then holds the longest prefix of `prompt` on hand, and that length is
-        returned (never the whole prompt: the last token's logits are what the answer starts
-        from). None as `session_id`: a request without a session."""
+        """A slot for a request that fits(); its cache then holds the longest prefix of
+        `prompt` on hand, and that length is returned (never the whole prompt: the last
+        token's logits are what the answer starts from). None as `session_id`: a request
+        without a session."""
         with self._lock:
-            self._clock += 1
-            for slot in self.slots:
-                if not slot.reserved and slot.owner is not None and slot.owner in self._forgotten:
-                    self._drop(slot)  # deleted since: its cache must not outlive it
             wanted = None if session_id in self._forgotten else session_id
-            resident = self._resident(wanted)
-            # Taken before a slot is freed: saving its cache may push others out of the budgets.
-            saved = self._take(wanted) if wanted is not None and resident is None else None
-            slot = resident or self._free_slot(wanted, prompt)
-            slot.used, slot.reserved, slot.owner = self._clock, cells, wanted
-            if saved is not None:
-                slot.reserved = max(cells, len(saved.tokens))  # room to load it into
-                self._make_room(slot)
-                if self._engine.seq_load(slot.seq, saved.data):
-                    slot.tokens = saved.tokens
-                else:
-                    log.warning(
-                        "session %s: its saved KV cache was refused; processing its history",
-                        session_id,
-                    )
-                slot.reserved = cells
-            reused = self._reuse(slot, prompt)
-            self._make_room(slot)
-            return slot, reused
+            idle = [s for s in self.slots if not s.reserved]
+            for s in idle:
+                if s.owner is not None and s.owner in self._forgotten:
+                    self._drop(s)  # deleted since: its cache must not outlive it
+            # Taken before anything is evicted: saving caches may push it out of the budgets.
+            resident = any(s.owner == wanted for s in idle)
+            own = self._take(wanted) if wanted is not None and not resident else None
+            slot = self._slot_for(wanted, prompt, idle)
+            if self._engine.kv_restorable:
+                n = self._bring_prefix(slot, prompt, idle, own)
+            else:  # a recurrent state cannot be cut back to a prefix: nothing is reused
+                for s in idle:
+                    self._drop(s)
+                n = 0
+            slot.reserved, slot.owner = cells, wanted
+            return slot, n
 
     def release(self, slot: Slot, intact: bool = True) -> None:
-        """The request is over; its slot stays resident. `intact` False: the request failed in
-        the engine and what the cache holds is unknown, so it is dropped."""
+        """The request is over. Its cache stays in the slot while nothing else runs, else it
+        is saved and leaves the pool. `intact` False: the request failed in the engine and what
+        the cache holds is unknown, so it is dropped."""
         with self._lock:
             slot.reserved = 0
             if not intact or slot.owner in self._forgotten:
                 self._drop(slot)
+            elif any(s.reserved for s in self.slots):
+                self._evict(slot)
 
     def clear(self) -> None:
-        """Drop every cache; only while nothing runs (after the warm-up, so that the first
-        request finds the pool as a fresh context would)."""
+        """Drop every cache without a session; only while nothing runs (after the warm-up, so
+        that the first request finds the pool as a fresh context would)."""
         with self._lock:
             for slot in self.slots:
                 self._drop(slot)
+            for key in [k for k, saved in self._memory.items() if saved.session_id is None]:
+                self._unkeep(key)
 
-    def _resident(self, wanted: str | None) -> Slot | None:
-        if wanted is None:
-            return None
-        return next((s for s in self.slots if s.owner == wanted and not s.reserved), None)
-
-    def _free_slot(self, wanted: str | None, prompt: list[int]) -> Slot:
-        """An empty slot (a prefix on hand elsewhere is copied in), else, for a request without
-        a session, the cache without a session it shares the most with; else the least recently
-        used cache without a session, then a session's (saved first)."""
-        idle = [s for s in self.slots if not s.reserved]
-        if empty := [s for s in idle if not s.tokens]:
-            return empty[0]
-        if wanted is None:
-            free = [s for s in idle if s.owner is None]
-            best = max(free, key=lambda s: _common_prefix(s.tokens, prompt), default=None)
-            if best is not None and _common_prefix(best.tokens, prompt) > 0:
-                return best
-        slot = min(idle, key=lambda s: (s.owner is not None, s.used))
+    def _slot_for(self, wanted: str | None, prompt: list[int], idle: list[Slot]) -> Slot:
+        """The session's own slot; for a request without a session, the cache without a
+        session that shares the most with its prompt; else an empty slot, or any idle one
+        (they all leave the pool now)."""
+        if wanted is not None:
+            own = [s for s in idle if s.owner == wanted]
+        else:
+            own = [s for s in idle if s.owner is None and _common_prefix(s.tokens, prompt)]
+        if own:
+            return max(own, key=lambda s: _common_prefix(s.tokens, prompt))
+        slot = next((s for s in idle if not s.tokens), idle[0])
         self._evict(slot)
         return slot
 
-    def _reuse(self, slot: Slot, prompt: list[int]) -> int:
-        if not self._engine.kv_restorable:
-            self._drop(slot)
-            return 0
+    def _bring_prefix(
+        self, slot: Slot, prompt: list[int], idle: list[Slot], own: _Saved | None
+    ) -> int:
+        """Put the longest prefix of `prompt` on hand into `slot`; its length. A running
+        sequence's (or an idle one's) is copied before the idle ones leave the pool; a saved
+        one (the session's `own`, else the best in memory) is loaded into the room they leave."""
         n = _common_prefix(slot.tokens, prompt)
-        others = (s for s in self.slots if s is not slot and s.tokens)
+        others = [s for s in self.slots if s is not slot and s.tokens]
         source = max(others, key=lambda s: _common_prefix(s.tokens, prompt), default=None)
         if source is not None and (m := _common_prefix(source.tokens, prompt)) > n:
             self._engine.seq_drop(slot.seq)
             self._engine.seq_copy(source.seq, slot.seq, m)
             slot.tokens, n = prompt[:m], m
-        n = min(n, len(prompt) - 1)
+        for s in idle:  # a step is about to run: idle caches leave the pool
+            if s is not slot:
+                self._evict(s)
+        key, saved = ("", own) if own is not None else self._best_saved(prompt)
+        if saved is not None and _common_prefix(saved.tokens, prompt) > n:
+            self._engine.seq_drop(slot.seq)
+            if self._engine.seq_load(slot.seq, saved.data):
+                slot.tokens, n = list(saved.tokens), _common_prefix(saved.tokens, prompt)
+                if key and saved.session_id is None:  # another session's stays theirs
+                    self._unkeep(key)
+            else:
+                slot.tokens, n = [], 0
+                log.warning("a saved KV cache was refused; processing the prompt instead")
+        return self._cut(slot, min(n, len(prompt) - 1))
+
+    def _cut(self, slot: Slot, n: int) -> int:
+        """Keep the first n cached tokens of `slot` (all of them lost if the model cannot)."""
         if not self._engine.seq_drop(slot.seq, n):
+            self._engine.seq_drop(slot.seq)
             n = 0
         del slot.tokens[n:]
         return n
 
-    def _make_room(self, taker: Slot) -> None:
-        """Evict idle caches, least recently used first, until what is held fits the pool."""
-        while sum(s.reserved or len(s.tokens) for s in self.slots) > self.pool:
-            idle = [s for s in self.slots if s is not taker and not s.reserved and s.tokens]
-            if not idle:
-                return  # fits() promised room: only a cache loaded past its request is over
-            self._evict(min(idle, key=lambda s: s.used))
+    def _best_saved(self, prompt: list[int]) -> tuple[str, _Saved | None]:
+        """The cache in memory that shares the most with `prompt`, and its key."""
+        return max(
+            self._memory.items(),
+            key=lambda item: _common_prefix(item[1].tokens, prompt),
+            default=("", None),
+        )
 
     def _evict(self, slot: Slot) -> None:
-        if slot.owner is not None and slot.tokens and self._engine.kv_restorable:
-            self._keep(slot.owner, _Saved(slot.tokens, self._engine.seq_save(slot.seq)))
+        """Save the slot's cache, then empty it."""
+        if slot.tokens and self._engine.kv_restorable and slot.owner not in self._forgotten:
+            key = slot.owner or f"#{next(self._stateless)}"
+            self._keep(key, _Saved(slot.tokens, self._engine.seq_save(slot.seq), slot.owner))
         self._drop(slot)
 
     def _drop(self, slot: Slot) -> None:
@@ -213,9 +235,7 @@ class KVStates:
         request (the engine's worker alone touches the context)."""
         with self._lock:
             self._forgotten.append(session_id)
-            saved = self._memory.pop(session_id, None)
-            if saved is not None:
-                self._memory_bytes -= len(saved.data)
+            self._unkeep(session_id)
             self._unlink(session_id)
 
     def free_disk(self) -> int:
@@ -242,20 +262,27 @@ class KVStates:
 
     # -- saved caches: memory, then disk ---------------------------------------------------
 
-    def _keep(self, session_id: str, saved: _Saved) -> None:
-        self._memory[session_id] = saved
+    def _keep(self, key: str, saved: _Saved) -> None:
+        self._unkeep(key)
+        self._memory[key] = saved
         self._memory_bytes += len(saved.data)
         while self._memory_bytes > self.memory_budget and self._memory:
-            victim, old = self._memory.popitem(last=False)
+            # Caches without a session go first: a session's is a kept conversation's.
+            victim = next((k for k, v in self._memory.items() if v.session_id is None), None)
+            victim = victim or next(iter(self._memory))
+            old = self._memory.pop(victim)
             self._memory_bytes -= len(old.data)
-            self._spill(victim, old)
+            if old.session_id is not None:
+                self._spill(victim, old)
 
     def _take(self, session_id: str) -> _Saved | None:
-        saved = self._memory.pop(session_id, None)
-        if saved is not None:
+        saved = self._memory.get(session_id)
+        self._unkeep(session_id)
+        return saved or self._unspill(session_id)
+
+    def _unkeep(self, key: str) -> None:
+        if (saved := self._memory.pop(key, None)) is not None:
             self._memory_bytes -= len(saved.data)
-            return saved
-        return self._unspill(session_id)
 
     def _file(self, session_id: str) -> Path:
         return self._dir / f"{session_id}.kv"
@@ -301,7 +328,7 @@ class KVStates:
             return None
         finally:
             self._unlink(session_id)
-        return _Saved(tokens.tolist(), data)
+        return _Saved(tokens.tolist(), data, session_id)
 
 
 def _common_prefix(a: Iterable[int], b: Iterable[int]) -> int:

@@ -29,7 +29,6 @@ MIN_CONTEXT = 512
 CONTEXT_STEP = 256
 CACHE_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 values in 34 bytes
 MAX_PARALLEL = 4  # the most requests the plan lets decode at once (2 cores: 2.5x the tokens/s)
-IDLE_SEQUENCES = 8  # KV sequences beyond the running ones: caches kept resident for reuse
 PROMPT_ALLOWANCE = 512  # prompt tokens planned per running request, beside its answer
 
 
@@ -72,10 +71,6 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.weights + self.kv + self.compute + self.runtime + self.sessions
-
-    @property
-    def sequences(self) -> int:
-        return self.parallel + IDLE_SEQUENCES
 
     @property
     def shrunk(self) -> bool:
@@ -150,7 +145,7 @@ def plan(
     context. Raises MemoryPlanError when not even MIN_CONTEXT tokens fit.
     """
     per_token = kv_bytes_per_token(shape, cache_type)
-    outputs = (parallel or MAX_PARALLEL) + IDLE_SEQUENCES
+    outputs = parallel or MAX_PARALLEL
 
     def compute_at(context: int) -> int:
         return compute_bytes(shape, batch_size, outputs, context)

@@ -373,7 +373,7 @@ def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
         batch_size=config.batch_size,
         threads=config.threads or threads.generation,
         threads_batch=config.threads_batch or threads.prompt,
-        sequences=plan.sequences,
+        sequences=plan.parallel,
     )
     why = "configured" if config.threads or config.threads_batch else threads.why
     return ResourcePlan(board, cpu, settings, why, plan)

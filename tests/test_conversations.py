@@ -127,16 +127,25 @@ def test_saved_caches_spill_to_disk_come_back_and_are_forgotten(tmp_path: Path) 
     assert turn(kv, "c", [4, 7]) == 1 and kv.memory_bytes == 100  # c from disk, a kept
 
 
-def test_caches_stay_resident_while_there_are_sequences_for_them(tmp_path: Path) -> None:
+def test_a_cache_stays_in_its_sequence_only_while_nothing_else_runs(tmp_path: Path) -> None:
     engine = FakeEngine()
     kv = KVStates(engine, 3, 1000, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
     turn(kv, "a", [1, 2, 3])
-    turn(kv, "b", [4, 5])
     assert turn(kv, "a", [1, 2, 3, 6]) == 3  # still in its sequence: nothing saved or loaded
     assert engine.loaded == [] and kv.memory_bytes == 0
-    kv.forget("b")
-    turn(kv, None, [7])  # the next request drops b's resident cache: it must not outlive b
-    assert all(s.owner != "b" and s.tokens != [4, 5] for s in kv.slots)
+    turn(kv, "b", [4, 5])  # another request runs: a's cache is saved and leaves the pool
+    assert kv.memory_bytes == 100 and [s.owner for s in kv.slots if s.tokens] == ["b"]
+    running, _ = kv.acquire("c", [7], 5)
+    assert kv.memory_bytes == 200  # b's too, before c's first step
+    turn(kv, None, [8, 9])  # ends while c runs: it leaves at once
+    assert kv.memory_bytes == 300
+    assert [s.owner for s in kv.slots if s.tokens or s.reserved] == ["c"]
+    kv.release(running)
+    assert turn(kv, "a", [1, 2, 3, 6, 7]) == 4 and engine.loaded  # a comes back
+    assert kv.memory_bytes == 200  # taken from memory
+    kv.forget("a")
+    turn(kv, None, [7])  # the next request drops a's resident cache: it must not outlive a
+    assert all(s.owner != "a" for s in kv.slots) and kv.memory_bytes == 200
 
 
 def test_a_shared_prefix_is_copied_from_another_sequence(tmp_path: Path) -> None:
@@ -145,20 +154,34 @@ def test_a_shared_prefix_is_copied_from_another_sequence(tmp_path: Path) -> None
     system = [9, 9, 9, 9]
     turn(kv, "a", [*system, 1, 2])
     assert turn(kv, None, [*system, 3]) == 4  # a request without a session: the system prompt
-    source = next(s for s in kv.slots if s.owner == "a")
-    assert engine.copies == [(source.seq, engine.copies[0][1], 4)] and source.tokens[:4] == system
+    assert engine.copies == [(0, 1, 4)] and engine.loaded == []
     assert turn(kv, "b", [*system, 5]) == 4  # and a new session's first turn
     assert len(engine.copies) == 2
+
+
+def test_a_shared_prefix_is_loaded_from_a_saved_cache(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    kv = KVStates(engine, 1, 1000, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
+    system = [9, 9, 9, 9]
+    turn(kv, "a", [*system, 1])
+    turn(kv, None, [7])  # a's cache saved
+    assert turn(kv, "b", [*system, 5]) == 4 and engine.loaded == [0]  # a copy of a's
+    assert turn(kv, "a", [*system, 1, 8]) == 5  # a's own is still there
+    # An earlier request without a session, sent again with more (an OpenAI client's next
+    # turn), finds its cache; that cache is taken, not copied.
+    turn(kv, None, [3, 4, 5])
+    turn(kv, "c", [6])
+    before = kv.memory_bytes
+    assert turn(kv, None, [3, 4, 5, 6, 7]) == 3 and kv.memory_bytes == before
 
 
 def test_idle_caches_give_way_when_a_request_needs_the_cells(tmp_path: Path) -> None:
     engine = FakeEngine()
     kv = KVStates(engine, 3, 20, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
     turn(kv, "a", [1] * 8)  # 8 cells held after its turn
-    turn(kv, "b", [2] * 8)
-    assert kv.fits(12)  # held by idle caches, not reserved: they give way
+    assert kv.fits(12)  # held by an idle cache, not reserved: it gives way
     slot, _ = kv.acquire("c", [3] * 8, 12)
-    assert kv.memory_bytes == 100  # a, the least recently used, was saved to make room
+    assert kv.memory_bytes == 100  # a was saved before c's first step
     assert not kv.fits(10)  # 12 reserved + 10 > 20
     kv.release(slot)
     assert turn(kv, "a", [1] * 9) == 8 and engine.loaded  # a comes back
