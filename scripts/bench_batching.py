@@ -9,7 +9,8 @@ Measured, per round and server:
 
 - N streams: N requests at once; the aggregate decode rate while all N stream, and all tokens
   over the wall time (their prompts included);
-- ttft beside 3: time to first token of a ~100-token request while 3 others stream (median);
+- ttft beside 3: time to first token of a ~100-token request while 3 others stream (the
+  median of every try: three per round);
 - gap: the longest pause between two tokens of a running stream while a 2000-token prompt
   arrives, and that prompt's own time to first token.
 
@@ -109,26 +110,26 @@ def at_once(base: str, n: int, tokens: int) -> tuple[float, float]:
 def ttft_beside(base: str, others: int, tokens: int) -> float:
     """Time to first token of one request while `others` streams are answering."""
     started = threading.Barrier(others + 1)
-    done: list[threading.Thread] = []
+    threads: list[threading.Thread] = []
+    streams: list[Stream] = []
 
     def other() -> None:
-        first = threading.Event()
-
         def seen(k: int) -> None:
             if k == 1:
-                first.set()
                 started.wait()
 
-        stream(base, prompt(), tokens * 2, seen)
+        streams.append(stream(base, prompt(), tokens, seen))
 
     for _ in range(others):
-        done.append(threading.Thread(target=other))
-        done[-1].start()
+        threads.append(threading.Thread(target=other))
+        threads[-1].start()
     started.wait()  # every other stream has its first token
-    ttft = stream(base, prompt(), 8).ttft
-    for t in done:
+    measured = stream(base, prompt(), 8)
+    for t in threads:
         t.join()
-    return ttft
+    if any(s.times[-1] < measured.times[0] for s in streams):
+        sys.exit("an other stream ended before the measured first token: raise --tokens")
+    return measured.ttft
 
 
 def gap_while_long_prompt(base: str, prompt_tokens: int) -> tuple[float, float]:
@@ -211,6 +212,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--long-prompt", type=int, default=2000)
+    ap.add_argument(
+        "--only", nargs="+", choices=("1", "4", "ttft", "gap", "8"), help="some measures only"
+    )
     args = ap.parse_args()
     model = models.resolve(args.model)
     results: dict[str, dict[str, list[float]]] = {}
@@ -219,7 +223,10 @@ def main() -> None:
         results.setdefault(name, {}).setdefault(server, []).append(value)
         print(f"{server}: {name} {value:.1f}", file=sys.stderr, flush=True)
 
-    for parallel, scenarios in ((4, ("1", "4", "ttft", "gap")), (8, ("8",))):
+    for parallel, every in ((4, ("1", "4", "ttft", "gap")), (8, ("8",))):
+        scenarios = [what for what in every if not args.only or what in args.only]
+        if not scenarios:
+            continue
         servers = {
             "edge-llm": start_edge(model, parallel, args.threads),
             "llama-server": start_peer(args.peer, model, parallel, args.threads),
@@ -236,8 +243,9 @@ def main() -> None:
                             record(f"{n} streams: decode tokens/s, all streaming", name, decode)
                             record(f"{n} streams: tokens/s, prompts included", name, overall)
                         elif what == "ttft":
-                            ms = [ttft_beside(base, 3, args.tokens) * 1e3 for _ in range(3)]
-                            record("ttft beside 3 (ms)", name, statistics.median(ms))
+                            for _ in range(3):
+                                ms = ttft_beside(base, 3, args.tokens) * 1e3
+                                record("ttft beside 3 (ms)", name, ms)
                         else:
                             gap, ttft = gap_while_long_prompt(base, args.long_prompt)
                             record(f"longest gap, {args.long_prompt}-token prompt (ms)", name,
