@@ -55,7 +55,7 @@ class Config:
     state_dir: str = ""
     max_sessions: int = 1000  # more: the least recently used are removed
     session_idle_hours: int = 168  # unused this long: removed; 0 = never
-    # MiB of saved session KV caches kept in memory (part of the memory plan); more go to disk.
+    # MiB of saved KV caches kept in memory (part of the memory plan); sessions' beyond go to disk.
     session_cache_mb: int = 128
     # MiB of saved session KV caches kept on disk beyond that (the least recently used go);
     # 0: a quarter of the free space in state_dir at start-up, at most 2048.

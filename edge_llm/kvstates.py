@@ -128,7 +128,7 @@ class KVStates:
             # Taken before anything is evicted: saving caches may push it out of the budgets.
             resident = any(s.owner == wanted for s in idle)
             own = self._take(wanted) if wanted is not None and not resident else None
-            slot = self._slot_for(wanted, prompt, idle)
+            slot = self._slot_for(wanted, idle)
             if self._engine.kv_restorable:
                 n = self._bring_prefix(slot, prompt, idle, own)
             else:  # a recurrent state cannot be cut back to a prefix: nothing is reused
@@ -158,18 +158,13 @@ class KVStates:
             for key in [k for k, saved in self._memory.items() if saved.session_id is None]:
                 self._unkeep(key)
 
-    def _slot_for(self, wanted: str | None, prompt: list[int], idle: list[Slot]) -> Slot:
-        """The session's own slot; for a request without a session, the cache without a
-        session that shares the most with its prompt; else an empty slot, or any idle one
-        (they all leave the pool now)."""
-        if wanted is not None:
-            own = [s for s in idle if s.owner == wanted]
-        else:
-            own = [s for s in idle if s.owner is None and _common_prefix(s.tokens, prompt)]
-        if own:
-            return max(own, key=lambda s: _common_prefix(s.tokens, prompt))
-        slot = next((s for s in idle if not s.tokens), idle[0])
-        self._evict(slot)
+    def _slot_for(self, wanted: str | None, idle: list[Slot]) -> Slot:
+        """The session's own slot, else an empty one, else any idle one (they all leave the
+        pool now). Another's cache is never cut to a prefix: the prefix is copied from it."""
+        own = next((s for s in idle if wanted is not None and s.owner == wanted), None)
+        slot = own or next((s for s in idle if not s.tokens), idle[0])
+        if slot is not own:
+            self._evict(slot)
         return slot
 
     def _bring_prefix(
@@ -193,7 +188,7 @@ class KVStates:
             self._engine.seq_drop(slot.seq)
             if self._engine.seq_load(slot.seq, saved.data):
                 slot.tokens, n = list(saved.tokens), _common_prefix(saved.tokens, prompt)
-                if key and saved.session_id is None:  # another session's stays theirs
+                if key and saved.session_id is None:  # taken; another session's stays theirs
                     self._unkeep(key)
             else:
                 slot.tokens, n = [], 0

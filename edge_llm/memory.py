@@ -9,7 +9,7 @@ Resident memory of a serving process is, to a good approximation:
   256 for a 152k-token vocabulary). Flash attention keeps the attention scores out of it;
   without, they take n_ctx x batch x heads x 4 bytes (117 MiB at 8192 x 256 for the default);
 - the runtime: Python, gRPC, numpy, llama-cpp-python and weights llama.cpp repacks for the CPU;
-- the sessions' saved KV caches kept in memory (a configured budget; the rest go to disk).
+- saved KV caches kept in memory (sessions' and requests'; a configured budget).
 BENCHMARKS.md compares the plan with measured peak RSS.
 """
 
@@ -83,7 +83,7 @@ class MemoryPlan:
             f"{self.weights / MIB:.0f}, KV cache {self.kv / MIB:.0f} ({self.context_length} tokens "
             f"x {self.kv_per_token / 1024:.1f} KiB, {self.cache_type}, shared by {self.parallel} "
             f"requests at once), compute "
-            f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}, saved sessions "
+            f"{self.compute / MIB:.0f}, runtime {self.runtime / MIB:.0f}, saved caches "
             f"{self.sessions / MIB:.0f}"
         )
 
@@ -176,7 +176,7 @@ def plan(
         raise MemoryPlanError(
             f"the model does not fit in {budget_bytes / MIB:.0f} MiB{why}: weights "
             f"{shape.weights_bytes / MIB:.0f} MiB + compute {compute / MIB:.0f} MiB (batch "
-            f"{batch_size}) + runtime {RUNTIME_BYTES / MIB:.0f} MiB + saved sessions "
+            f"{batch_size}) + runtime {RUNTIME_BYTES / MIB:.0f} MiB + saved caches "
             f"{sessions_bytes / MIB:.0f} MiB leave room for {max(fits, 0)} "
             f"tokens of context ({per_token / 1024:.1f} KiB each), fewer than {MIN_CONTEXT}; use "
             "a smaller model or batch size, or raise the memory limit"

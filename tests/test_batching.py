@@ -186,6 +186,21 @@ def test_a_shared_system_prompt_is_copied_between_sequences(batching: Server, st
     assert stats.prompt_tokens - stats.prompt_tokens_reused < 20  # its own cache, intact
 
 
+def test_a_request_sent_again_with_more_starts_from_its_saved_cache(batching: Server, stub) -> None:
+    """An OpenAI client sends the whole conversation each turn: its earlier request's cache,
+    saved out of the pool when another request ran, is loaded and only the rest computed."""
+    scheduler = batching.core.loaded.scheduler  # type: ignore[union-attr]
+    first = "A client's conversation, turn one: tell me about rivers."
+    call = stub.Generate(pb.GenerateRequest(prompt=first, max_tokens=8), timeout=60)
+    text = "".join(m.text for m in call)
+    list(stub.Generate(pb.GenerateRequest(prompt="Someone else entirely.", max_tokens=4)))
+    again = f"{first}{text} And lakes?"
+    *_, last = stub.Generate(pb.GenerateRequest(prompt=again, max_tokens=4), timeout=60)
+    stats = list(scheduler.recent)[-1].stats
+    count = stub.Tokenize(pb.TokenizeRequest(text=first)).count
+    assert stats.prompt_tokens_reused >= count - 1 and last.usage.prompt_tokens > count
+
+
 def test_a_cache_moved_between_sequences_predicts_as_it_did(tiny_model: Path) -> None:
     """Saved and loaded into another sequence, or copied to one, a cache gives the next token
     the logits it gave where it was made (up to float order: the cells lie elsewhere); an empty
