@@ -46,6 +46,23 @@ def generate(stub: pb_grpc.EdgeLLMStub, out: dict[str, object], key: str, **fiel
         out[key] = e
 
 
+def start_calls(
+    stub: pb_grpc.EdgeLLMStub, out: dict[str, object], name: str, n: int, max_tokens: int
+) -> list[threading.Thread]:
+    """n Generate calls, each in a thread of its own, started; out[f"{name}{i}"] their results."""
+    threads = [
+        threading.Thread(
+            target=generate,
+            args=(stub, out, f"{name}{i}"),
+            kwargs=dict(prompt=f"{name} {i}:", max_tokens=max_tokens, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def together(server: Server, calls: dict[str, dict[str, object]], stub) -> dict[str, object]:
     """Start every call while the first is held at its first step, so that all of them are in
     the queue when it goes on: they then run in the same batch."""
@@ -98,19 +115,10 @@ def test_cancelling_one_stream_leaves_the_others_streaming(batching: Server, stu
                 job.stats.completion_tokens >= 3)  # fmt: skip
     doomed = stub.Generate(pb.GenerateRequest(prompt="Doomed:", max_tokens=500, ignore_eos=True))
     out: dict[str, object] = {}
-    others = [
-        threading.Thread(
-            target=generate,
-            args=(stub, out, f"o{i}"),
-            kwargs=dict(prompt=f"Other {i}:", max_tokens=40, ignore_eos=True),
-        )
-        for i in range(2)
-    ]
     arrived = submissions(scheduler, 2)
     try:
         next(doomed)
-        for t in others:
-            t.start()
+        others = start_calls(stub, out, "Other", 2, max_tokens=40)
         assert arrived.wait(60)
         assert hold.reached.wait(60)  # the others are in the queue or running beside it
         doomed.cancel()
@@ -122,7 +130,7 @@ def test_cancelling_one_stream_leaves_the_others_streaming(batching: Server, stu
     with pytest.raises(grpc.RpcError) as cancelled:
         list(doomed)
     assert cancelled.value.code() == grpc.StatusCode.CANCELLED
-    for key in ("o0", "o1"):
+    for key in ("Other0", "Other1"):
         result = out[key]
         assert not isinstance(result, grpc.RpcError), result
         assert result[1].usage.completion_tokens == 40
@@ -265,17 +273,8 @@ def test_a_drain_lets_every_running_and_queued_stream_finish(tiny_model: Path) -
         hold = Hold(scheduler, lambda job: len(scheduler.running) == 2 and scheduler.waiting == 1)
         arrived = submissions(scheduler, 3)
         out: dict[str, object] = {}
-        threads = [
-            threading.Thread(
-                target=generate,
-                args=(stub, out, f"d{i}"),
-                kwargs=dict(prompt=f"Drained {i}:", max_tokens=20, ignore_eos=True),
-            )
-            for i in range(3)
-        ]
         try:
-            for t in threads:
-                t.start()
+            threads = start_calls(stub, out, "Drained", 3, max_tokens=20)
             assert arrived.wait(60) and hold.reached.wait(60)
             stopping = draining(server, 300)
             with pytest.raises(grpc.RpcError) as refused:
@@ -288,7 +287,7 @@ def test_a_drain_lets_every_running_and_queued_stream_finish(tiny_model: Path) -
     stopping.join(300)
     assert not stopping.is_alive()
     for i in range(3):
-        result = out[f"d{i}"]
+        result = out[f"Drained{i}"]
         assert not isinstance(result, grpc.RpcError), result
         text, last = result
         assert text and last.finish_reason == pb.FINISH_REASON_LENGTH
@@ -310,17 +309,8 @@ def test_the_end_of_a_drain_cuts_off_every_sequence_with_a_notice(tiny_model: Pa
             ),
         )
         out: dict[str, object] = {}
-        threads = [
-            threading.Thread(
-                target=generate,
-                args=(stub, out, f"c{i}"),
-                kwargs=dict(prompt=f"Cut {i}:", max_tokens=400, ignore_eos=True),
-            )
-            for i in range(3)
-        ]
         try:
-            for t in threads:
-                t.start()
+            threads = start_calls(stub, out, "Cut", 3, max_tokens=400)
             assert hold.reached.wait(60)
             cut = list(scheduler.running)
             stopping = draining(server, 0)
@@ -333,7 +323,7 @@ def test_the_end_of_a_drain_cuts_off_every_sequence_with_a_notice(tiny_model: Pa
     assert not stopping.is_alive()
     lasts = []
     for i in range(3):
-        result = out[f"c{i}"]
+        result = out[f"Cut{i}"]
         assert not isinstance(result, grpc.RpcError), result
         _, last = result
         assert last.finish_reason == pb.FINISH_REASON_CANCELLED
