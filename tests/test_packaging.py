@@ -141,5 +141,29 @@ def test_k3s_manifest_probes_and_limits() -> None:
     image = (ROOT / "packaging" / "Containerfile").read_text()
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     for env in ("EDGE_LLM_STATE_DIR", "XDG_CACHE_HOME"):
-        directory = image.split(f"{env}=")[1].split()[0]
-        assert directory in mounts, env
+        directory = Path(image.split(f"{env}=")[1].split()[0])
+        assert any(directory.is_relative_to(m) for m in mounts), env
+
+
+def test_an_installed_copy_carries_the_chat_page(tmp_path: Path) -> None:
+    """packaging/install and the image install a copy of edge-llm, not the checkout: the page's
+    files must be in its wheel (an installed copy without them failed to start)."""
+    import zipfile
+
+    source = tmp_path / "src"  # a copy: setuptools leaves a build/ directory behind
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".*", "tests", "build", "*.egg-info")
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(source)],
+        check=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("edge_llm-*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    page = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "edge_llm" / "web").rglob("*")
+        if p.is_file()
+    }
+    assert page and page <= packed, sorted(page - packed)
