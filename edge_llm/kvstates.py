@@ -120,7 +120,9 @@ class KVStates:
         token's logits are what the answer starts from). None as `session_id`: a request
         without a session."""
         with self._lock:
-            wanted = None if session_id in self._forgotten else session_id
+            # A deleted session's queued request keeps it as owner: release() then drops its
+            # cache instead of saving it.
+            wanted = session_id
             idle = [s for s in self.slots if not s.reserved]
             for s in idle:
                 if s.owner is not None and s.owner in self._forgotten:
@@ -184,7 +186,13 @@ class KVStates:
             if s is not slot:
                 self._evict(s)
         key, saved = ("", own) if own is not None else self._best_saved(prompt)
-        if saved is not None and _common_prefix(saved.tokens, prompt) > n:
+        # Loaded whole, then cut: only if the pool has room for all of it beside the others.
+        room = self.pool - sum(s.reserved for s in self.slots if s is not slot)
+        if (
+            saved is not None
+            and _common_prefix(saved.tokens, prompt) > n
+            and len(saved.tokens) <= room
+        ):
             self._engine.seq_drop(slot.seq)
             if self._engine.seq_load(slot.seq, saved.data):
                 slot.tokens, n = list(saved.tokens), _common_prefix(saved.tokens, prompt)
@@ -273,7 +281,10 @@ class KVStates:
     def _take(self, session_id: str) -> _Saved | None:
         saved = self._memory.get(session_id)
         self._unkeep(session_id)
-        return saved or self._unspill(session_id)
+        if saved is None:
+            return self._unspill(session_id)
+        self._unlink(session_id)  # an older copy on disk, if any, is out of date
+        return saved
 
     def _unkeep(self, key: str) -> None:
         if (saved := self._memory.pop(key, None)) is not None:
@@ -287,10 +298,11 @@ class KVStates:
         self._file(session_id).unlink(missing_ok=True)
 
     def _spill(self, session_id: str, saved: _Saved) -> None:
+        self._unlink(session_id)  # an older copy of the same session's
         size = len(_MAGIC) + 4 + 4 * len(saved.tokens) + len(saved.data)
         if size > self.disk_budget:
             return  # it alone is over the budget: reprocessing it is the cheaper loss
-        while self._disk_bytes + size > self.disk_budget:
+        while self._disk and self._disk_bytes + size > self.disk_budget:
             self._unlink(next(iter(self._disk)))  # the least recently spilled
         path, tmp = self._file(session_id), self._file(session_id).with_suffix(".tmp")
         try:

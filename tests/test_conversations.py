@@ -148,6 +148,22 @@ def test_a_cache_stays_in_its_sequence_only_while_nothing_else_runs(tmp_path: Pa
     assert all(s.owner != "a" for s in kv.slots) and kv.memory_bytes == 200
 
 
+def test_a_deleted_sessions_queued_request_leaves_no_cache(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    kv = KVStates(engine, 2, 1000, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
+    turn(kv, "a", [1, 2])
+    turn(kv, "b", [3])  # a's cache saved
+    kv.forget("a")  # deleted while a request of a's is still queued
+    running, _ = kv.acquire("c", [5], 5)
+    assert turn(kv, "a", [1, 2, 4]) == 0  # ends while c runs: its cache is dropped, not saved
+    kv.release(running)
+    turn(kv, None, [1, 2, 4, 6])
+    assert engine.loaded == [] and kv.memory_bytes == sum(
+        len(saved.data) for saved in kv._memory.values()
+    )
+    assert all(saved.tokens[:2] != [1, 2] for saved in kv._memory.values())
+
+
 def test_a_shared_prefix_is_copied_from_another_sequence(tmp_path: Path) -> None:
     engine = FakeEngine()
     kv = KVStates(engine, 3, 1000, tmp_path / "kv", memory_budget=1000, disk_budget=10_000)
