@@ -214,10 +214,13 @@ class Scheduler:
     def _admit(self) -> list[Job]:
         """The waiting jobs that start now: first come first served, as many as run at once
         and as the KV pool has room for (the first that does not fit waits, and all after it)."""
-        starting = []
+        starting: list[Job] = []
+        planned = 0  # the cells of those starting now: not reserved until they start
         while self._waiting and len(self._running) < self.parallel:
-            if not self._kv.fits(self._cells(self._waiting[0])):
+            cells = self._cells(self._waiting[0])
+            if not self._kv.fits(planned + cells):
                 break
+            planned += cells
             job = self._waiting.popleft()
             self._running.append(job)
             starting.append(job)

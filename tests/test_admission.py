@@ -409,6 +409,24 @@ def test_a_job_the_kv_pool_cannot_hold_yet_waits_and_nothing_overtakes_it(
     shut(engine, scheduler)
 
 
+def test_jobs_that_start_together_count_each_others_cells(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    scheduler = make_scheduler(engine, tmp_path, parallel=3, queue_depth=4, pool=100)
+    first = job("first", max_tokens=1)
+    x, y = job("x", max_tokens=55), job("y", max_tokens=55)  # 58 cells each: not both
+    scheduler.submit(first)
+    assert engine.entered.wait(30)  # x and y wait together behind it
+    scheduler.submit(x)
+    scheduler.submit(y)
+    engine.step.release(2)  # first's one token, then x's first step
+    next(x.chunks())
+    assert ran(scheduler) == ["first", "x"] and scheduler.waiting == 1
+    engine.step.release(10_000)
+    assert list(y.chunks())[-1].finish_reason is FinishReason.LENGTH
+    assert ran(scheduler) == ["first", "x", "y"]
+    shut(engine, scheduler)
+
+
 def test_a_failed_step_fails_its_jobs_and_the_worker_goes_on(tmp_path: Path) -> None:
     engine = FakeEngine(fail_when=lambda parts: any(p.tokens[0] == 99 for p in parts))
     scheduler = make_scheduler(engine, tmp_path)
