@@ -120,24 +120,22 @@ class KVStates:
         token's logits are what the answer starts from). None as `session_id`: a request
         without a session."""
         with self._lock:
-            # A deleted session's queued request keeps it as owner: release() then drops its
-            # cache instead of saving it.
-            wanted = session_id
             idle = [s for s in self.slots if not s.reserved]
             for s in idle:
                 if s.owner is not None and s.owner in self._forgotten:
                     self._drop(s)  # deleted since: its cache must not outlive it
             # Taken before anything is evicted: saving caches may push it out of the budgets.
-            resident = any(s.owner == wanted for s in idle)
-            own = self._take(wanted) if wanted is not None and not resident else None
-            slot = self._slot_for(wanted, idle)
+            resident = any(s.owner == session_id for s in idle)
+            own = self._take(session_id) if session_id is not None and not resident else None
+            slot = self._slot_for(session_id, idle)
             if self._engine.kv_restorable:
                 n = self._bring_prefix(slot, prompt, idle, own)
             else:  # a recurrent state cannot be cut back to a prefix: nothing is reused
                 for s in idle:
                     self._drop(s)
                 n = 0
-            slot.reserved, slot.owner = cells, wanted
+            # A deleted session's queued request still owns its slot: release() drops the cache.
+            slot.reserved, slot.owner = cells, session_id
             return slot, n
 
     def release(self, slot: Slot, intact: bool = True) -> None:
