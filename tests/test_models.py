@@ -76,6 +76,33 @@ def test_checksum_mismatch_installs_nothing(tmp_path: Path, fake, monkeypatch) -
     assert list((tmp_path / "models").iterdir()) == []
 
 
+@pytest.fixture
+def packaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake) -> Path:
+    """The fake model installed read-only by a package; an empty cache."""
+    model, payload, _ = fake
+    packaged_dir = tmp_path / "usr-share"
+    packaged_dir.mkdir()
+    (packaged_dir / model.filename).write_bytes(payload)
+    monkeypatch.setattr(models, "PACKAGED_DIR", packaged_dir)
+    monkeypatch.setenv("EDGE_LLM_MODELS_DIR", str(tmp_path / "cache"))
+    return packaged_dir / model.filename
+
+
+def test_a_packaged_model_is_used_and_not_fetched(tmp_path: Path, fake, packaged) -> None:
+    _, _, downloads = fake
+    assert models.resolve("fake") == packaged
+    assert models.fetch("fake") == packaged
+    assert downloads == [] and not (tmp_path / "cache").exists()
+
+
+def test_the_cache_comes_before_a_packaged_model(tmp_path: Path, fake, packaged) -> None:
+    packaged.write_bytes(b"GGUF damaged")
+    fetched = models.fetch("fake")  # the damaged packaged copy is left alone
+    assert fetched == tmp_path / "cache" / "fake.gguf"
+    assert models.resolve("fake") == fetched
+    assert packaged.read_bytes() == b"GGUF damaged"
+
+
 def test_known_models_match_models_md() -> None:
     default, tiny = models.KNOWN_MODELS["default"], models.KNOWN_MODELS["tiny"]
     assert default.size == 491_400_064 and len(default.parts) == 6
