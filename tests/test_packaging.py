@@ -134,15 +134,29 @@ def test_k3s_manifest_probes_and_limits() -> None:
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # the model load
     assert container["resources"]["limits"]["memory"] == "2Gi"
-    assert pod["terminationGracePeriodSeconds"] >= Config().drain_seconds + 10
+    env = {e["name"]: e["value"] for e in container["env"]}
+    drain = int(env.get("EDGE_LLM_DRAIN_SECONDS", image_env()["EDGE_LLM_DRAIN_SECONDS"]))
+    assert pod["terminationGracePeriodSeconds"] >= drain + 10
     assert service["spec"]["clusterIP"] == "None"  # headless: clients balance per call
     # A read-only root: sessions and verdicts go to volumes where the image says they live.
     assert container["securityContext"]["readOnlyRootFilesystem"]
-    image = (ROOT / "packaging" / "Containerfile").read_text()
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    for env in ("EDGE_LLM_STATE_DIR", "XDG_CACHE_HOME"):
-        directory = Path(image.split(f"{env}=")[1].split()[0])
-        assert any(directory.is_relative_to(m) for m in mounts), env
+    for name in ("EDGE_LLM_STATE_DIR", "XDG_CACHE_HOME"):
+        assert any(Path(image_env()[name]).is_relative_to(m) for m in mounts), name
+
+
+def image_env() -> dict[str, str]:
+    """The Containerfile's ENV settings (NAME=value pairs)."""
+    image = (ROOT / "packaging" / "Containerfile").read_text().replace("\\\n", " ")
+    lines = [line.split(None, 1)[1] for line in image.splitlines() if line.startswith("ENV ")]
+    return dict(pair.split("=", 1) for line in lines for pair in line.split())
+
+
+def test_the_image_drains_within_docker_stops_timeout() -> None:
+    """`docker stop` and `podman stop` send SIGKILL 10 s after SIGTERM: the image's drain must
+    end before that, or a stop with an answer in flight exits 137 (scripts/test-image proves
+    it with a real stop)."""
+    assert int(image_env()["EDGE_LLM_DRAIN_SECONDS"]) <= 10 - 2
 
 
 def test_an_installed_copy_carries_the_chat_page(tmp_path: Path) -> None:
@@ -152,7 +166,7 @@ def test_an_installed_copy_carries_the_chat_page(tmp_path: Path) -> None:
 
     source = tmp_path / "src"  # a copy: setuptools leaves a build/ directory behind
     shutil.copytree(
-        ROOT, source, ignore=shutil.ignore_patterns(".*", "tests", "build", "*.egg-info")
+        ROOT, source, ignore=shutil.ignore_patterns(".*", "tests", "build", "dist", "*.egg-info")
     )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
