@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge_llm import __version__, models
+from edge_llm import __version__, auth, models
 from edge_llm.config import Config, ConfigError, load_config
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -88,12 +88,33 @@ def _serve_parser(
         default=None,
         help="put prompt text in the logs (debugging only)",
     )
+    p.add_argument(
+        "--auth-tokens",
+        help='file of "NAME TOKEN" lines, mode 0600: calls need one of the tokens '
+        "(made with a new token if missing; re-read on SIGHUP)",
+    )
+    p.add_argument(
+        "--public-reflection",
+        action="store_true",
+        default=None,
+        help="server reflection without a token",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback address without tokens, on purpose",
+    )
     if name == "doctor":
         p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"default: {DEFAULT_ADDRESS}")
+    p.add_argument(
+        "--token",
+        help="the server's token (default: $EDGE_LLM_TOKEN; better there: a flag shows in ps)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge_llm import client
 
         return client.main(args)
-    except (ConfigError, models.ModelError, OSError) as e:
+    except (ConfigError, auth.AuthError, models.ModelError, OSError) as e:
         print(f"edge-llm: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

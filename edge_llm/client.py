@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -14,8 +17,9 @@ from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 
 def main(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("EDGE_LLM_TOKEN", "")
     with grpc.insecure_channel(args.address) as channel:
-        stub = pb_grpc.EdgeLLMStub(channel)
+        stub = pb_grpc.EdgeLLMStub(grpc.intercept_channel(channel, _Bearer(token)))
         try:
             if args.command == "info":
                 return _info(stub, args)
@@ -29,8 +33,30 @@ def main(args: argparse.Namespace) -> int:
             return 1
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Every call carries `authorization: Bearer TOKEN` (when there is a token)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._with_token(details), request)
+
+
 def _describe(e: grpc.RpcError, address: str) -> str:
     code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{details}. Give it with EDGE_LLM_TOKEN=TOKEN (or --token TOKEN)"
     if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
         return f"no edge-llm server at {address} ({details}); start one with `edge-llm serve`"
     if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:

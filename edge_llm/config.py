@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -64,6 +65,14 @@ class Config:
     context_overflow: str = "drop_oldest"
     # Put prompt text in the logs (debugging only: prompts are the users' words).
     log_prompts: bool = False
+    # A file of "NAME TOKEN" lines (mode 0600): every call but health then needs one of the
+    # tokens (gRPC metadata / HTTP header `authorization: Bearer TOKEN`); made, with a token
+    # of its own, if it does not exist. Re-read on SIGHUP.
+    auth_tokens: str = ""
+    # Server reflection (grpcurl list/describe: the API's shape, no data) without a token.
+    public_reflection: bool = False
+    # Listen on a non-loopback address without tokens, on purpose (a network of one's own).
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "queue_depth", "max_tokens", "max_sessions")
@@ -100,6 +109,14 @@ class Config:
             raise ConfigError(
                 f"context_overflow must be drop_oldest or refuse, got {self.context_overflow!r}"
             )
+        exposed = self.exposed
+        if exposed and not self.auth_tokens and not self.insecure:
+            raise ConfigError(
+                f"listening on {' and '.join(exposed)} without tokens would let anyone on the "
+                "network read, change and delete every conversation: add --auth-tokens FILE "
+                "(auth_tokens; a missing FILE is made with a new token), or --insecure "
+                "(insecure = true) to allow it on purpose, or listen on 127.0.0.1"
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level}"
@@ -124,8 +141,24 @@ class Config:
             )
         return host, int(port)
 
+    @property
+    def exposed(self) -> list[str]:
+        """The listening addresses beyond this machine (not loopback)."""
+        found = [] if is_loopback(self.host) else [self.address]
+        http = self.http_address
+        if http is not None and not is_loopback(http[0]):
+            found.append(self.http_listen)
+        return found
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

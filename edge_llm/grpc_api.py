@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edge_llm import checks, convert
+from edge_llm import auth, checks, convert
 from edge_llm.appliance import Appliance
 from edge_llm.types import (
     GenerateRequest,
@@ -32,6 +32,7 @@ from edge_llm.types import (
     SamplingDefaults,
     StorageFullError,
     TurnNotKeptError,
+    UnauthenticatedError,
 )
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
@@ -48,6 +49,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     StorageFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
     TurnNotKeptError: grpc.StatusCode.ABORTED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -64,6 +66,18 @@ def _statuses(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.INTERNAL, f"could not process the request: {e}")
 
 
+def authenticate(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:
+    metadata = dict(context.invocation_metadata())
+    return auth.check(tokens, auth.bearer(metadata.get("authorization")))
+
+
+def authenticated(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:
+    """authenticate() for a servicer outside @_rpc (reflection): ends the call if it fails."""
+    with _statuses(context):
+        return authenticate(tokens, context)
+    raise AssertionError("unreachable: _statuses aborted the call")
+
+
 def _rpc(handler: Handler) -> Handler:
     """A servicer method: counted while it runs, its errors turned into statuses."""
     if inspect.isgeneratorfunction(handler):
@@ -71,6 +85,7 @@ def _rpc(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def streaming(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
             with self.core.call(context.add_callback), _statuses(context):
+                self.caller(context)
                 yield from handler(self, request, context)
 
         return streaming  # type: ignore[return-value]
@@ -78,6 +93,7 @@ def _rpc(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def unary(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
         with self.core.call(context.add_callback), _statuses(context):
+            self.caller(context)
             return handler(self, request, context)
 
     return unary  # type: ignore[return-value]
@@ -86,8 +102,13 @@ def _rpc(handler: Handler) -> Handler:
 class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     """The gRPC skin over the appliance: protobuf in, protobuf out."""
 
-    def __init__(self, core: Appliance) -> None:
+    def __init__(self, core: Appliance, tokens: auth.Tokens | None = None) -> None:
         self.core = core
+        self.tokens = tokens
+
+    def caller(self, context: grpc.ServicerContext) -> auth.Caller:
+        """Who calls, by the token in its metadata; UNAUTHENTICATED without a good one."""
+        return authenticate(self.tokens, context)
 
     @_rpc
     def Generate(

@@ -29,11 +29,13 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from edge_llm import auth
 from edge_llm import openai_convert as oc
 from edge_llm.appliance import Appliance
-from edge_llm.http_base import STATUS, domain_error, http_error
+from edge_llm.http_base import STATUS, domain_error, error_status, http_error
 from edge_llm.openai_api import OpenAIRoutes
 from edge_llm.page_api import PageRoutes, page
+from edge_llm.types import UnauthenticatedError
 
 
 class _Counted:
@@ -49,6 +51,40 @@ class _Counted:
             return
         with self.core.call():
             await self.app(scope, receive, send)
+
+
+class _Authenticated:
+    """ASGI middleware: the API, the page's sessions and WebSocket, and /metrics need a token
+    (`Authorization: Bearer`; a page's WebSocket offers it as a subprotocol, auth.ws_token);
+    /health and the page's own files (no data in them) do not. The caller goes in the scope's
+    state, for the routes."""
+
+    PROTECTED = ("/v1/", "/api/", "/metrics")
+
+    def __init__(self, app: ASGIApp, tokens: auth.Tokens | None) -> None:
+        self.app, self.tokens = app, tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        protected = scope["path"].startswith(self.PROTECTED)
+        if scope["type"] == "websocket":
+            presented = auth.ws_token(scope.get("subprotocols", []))
+        else:
+            presented = auth.bearer(Headers(scope=scope).get("authorization"))
+        try:
+            caller = auth.check(self.tokens if protected else None, presented)
+        except UnauthenticatedError as e:
+            if scope["type"] == "websocket":
+                await WebSocket(scope, receive, send).close(code=1008)  # a 403 to the handshake
+                return
+            status, body, _ = error_status(e)
+            headers = {"WWW-Authenticate": 'Bearer realm="edge-llm"'}
+            await JSONResponse(body, status, headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
 
 
 class _LoopbackOnly:
@@ -86,16 +122,15 @@ def _local_name(name: str) -> bool:
     return True
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def build_app(core: Appliance, serving: Callable[[], bool], loopback: bool = True) -> ASGIApp:
+def build_app(
+    core: Appliance,
+    serving: Callable[[], bool],
+    loopback: bool = True,
+    tokens: auth.Tokens | None = None,
+) -> ASGIApp:
     """The whole HTTP side. `serving`: the same truth as grpc.health.v1's overall status;
-    `loopback`: it listens on a loopback address (only local names are answered)."""
+    `loopback`: it listens on a loopback address (only local names are answered); `tokens`:
+    the tokens it asks for (None: none)."""
 
     async def health(request: Request) -> Response:
         ok = serving()
@@ -119,5 +154,5 @@ def build_app(core: Appliance, serving: Callable[[], bool], loopback: bool = Tru
         ],
         exception_handlers=handlers,
     )
-    counted = _Counted(app, core)
-    return _LoopbackOnly(counted) if loopback else counted
+    guarded = _Authenticated(_Counted(app, core), tokens)
+    return _LoopbackOnly(guarded) if loopback else guarded

@@ -30,6 +30,7 @@ from edge_llm.types import (
     RequestError,
     StorageFullError,
     TurnNotKeptError,
+    UnauthenticatedError,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ STATUS: list[tuple[type[Exception], int, str, str]] = [
     (StorageFullError, 507, "server_error", "storage_full"),
     (NotReadyError, 503, "unavailable_error", "unavailable"),
     (TurnNotKeptError, 409, "conflict_error", "turn_not_kept"),
+    (UnauthenticatedError, 401, "invalid_request_error", "invalid_api_key"),  # OpenAI's own
 ]
 RETRY_AFTER_SECONDS = 1  # a full queue moves on within a few answers' time
 

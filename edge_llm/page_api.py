@@ -35,7 +35,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from edge_llm import __version__, checks
+from edge_llm import __version__, auth, checks
 from edge_llm import openai_convert as oc
 from edge_llm.appliance import Appliance, Generation
 from edge_llm.http_base import error_status, finish, in_threads, json_body
@@ -174,7 +174,10 @@ class PageRoutes:
         if not _same_origin(websocket):
             await websocket.close(code=1008)  # before accept: the browser sees a 403
             return
-        await websocket.accept()
+        # A page that sends a token offers it as a subprotocol beside ours: choose ours, or
+        # the browser fails the connection.
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(auth.WS_SUBPROTOCOL if auth.WS_SUBPROTOCOL in offered else None)
         await _ChatSocket(self.core, websocket).run()
 
 

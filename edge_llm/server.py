@@ -32,16 +32,16 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from edge_llm import backend, faults, hardware, memory, models, sessions
+from edge_llm import auth, backend, faults, hardware, memory, models, sessions
 from edge_llm.admission import Scheduler
 from edge_llm.appliance import TOKENIZERS, Appliance, Loaded
 from edge_llm.checks import Limits
-from edge_llm.config import Config
+from edge_llm.config import Config, is_loopback
 from edge_llm.conversations import Conversations
 from edge_llm.decoding import Job
 from edge_llm.engine import Engine, EngineSettings, cpu_features_used, read_shape, system_info
-from edge_llm.grpc_api import EdgeLLMService
-from edge_llm.http_api import build_app, is_loopback
+from edge_llm.grpc_api import EdgeLLMService, authenticated
+from edge_llm.http_api import build_app
 from edge_llm.kvstates import KVStates
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, ModelInfo, RuntimeInfo, Sampling
@@ -76,7 +76,8 @@ class Server:
             queue_depth=config.queue_depth,
         )
         self.core = Appliance(self.limits, config.log_prompts)
-        self.service = EdgeLLMService(self.core)
+        self.tokens = auth.Tokens(Path(config.auth_tokens)) if config.auth_tokens else None
+        self.service = EdgeLLMService(self.core, self.tokens)
         self.health = _Health()
         self.serving = False  # health's overall status, for HTTP's /health
         self.port = 0
@@ -108,8 +109,9 @@ class Server:
         pb_grpc.add_EdgeLLMServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        tokens = None if self.config.public_reflection else self.tokens
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            _Reflection(names, _REFLECTION_STREAMS), server
+            _Reflection(names, _REFLECTION_STREAMS, tokens), server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(self.config.address)
@@ -118,7 +120,7 @@ class Server:
         server.start()
         self._grpc = server
         if (http := self.config.http_address) is not None:
-            app = build_app(self.core, lambda: self.serving, is_loopback(http[0]))
+            app = build_app(self.core, lambda: self.serving, is_loopback(http[0]), self.tokens)
             self._http = _HttpServer(app, *http, threads=workers)
             self.http_port = self._http.port
             log.info(
@@ -131,7 +133,31 @@ class Server:
             self.config.host,
             self.port,
         )
+        if self.tokens is None:
+            for address in self.config.exposed:  # only with insecure = true
+                log.warning("insecure: anyone who reaches %s may use every session", address)
+        else:
+            log.info("tokens from %s: %s", self.tokens.path, ", ".join(self.tokens.names))
+            if self.tokens.made is not None:
+                self._show_made_token(self.tokens.made)
         return self.port
+
+    def _show_made_token(self, token: str) -> None:
+        """A token this start generated, shown once, on stdout rather than in the log (as
+        Jupyter does): the one way for the person who started the server to learn it."""
+        assert self.tokens is not None
+        where = f"http://127.0.0.1:{self.http_port}/" if self._http else None
+        lines = [
+            f"edge-llm made a token, kept in {self.tokens.path} (name {auth.GENERATED_NAME!r}).",
+            *([f"Open the chat page with it:  {where}#token={token}"] if where else []),
+            f"API clients send it as the header or metadata  authorization: Bearer {token}",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the tokens."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
     def load(self) -> None:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
@@ -473,14 +499,18 @@ class _Reflection(reflection.ReflectionServicer):
     """Server reflection (grpcurl's list and describe), a few streams at once: an open
     stream holds a handler thread even while idle, and idle ones must not take them all."""
 
-    def __init__(self, service_names: tuple[str, ...], streams: int) -> None:
+    def __init__(
+        self, service_names: tuple[str, ...], streams: int, tokens: auth.Tokens | None
+    ) -> None:
         super().__init__(service_names)
         self._streams = streams
         self._open = threading.BoundedSemaphore(streams)
+        self._tokens = tokens
 
     def ServerReflectionInfo(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
+        authenticated(self._tokens, context)
         if not self._open.acquire(blocking=False):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -509,6 +539,7 @@ def run(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: server.reload())
     server.start()
     # Load on another thread: the main thread must stay free to run signal handlers, so that
     # SIGTERM during a long load stops the service at once.

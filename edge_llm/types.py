@@ -198,3 +198,7 @@ class PreconditionError(Exception):
 
 class BusyError(PreconditionError):
     """The session is already answering another message."""
+
+
+class UnauthenticatedError(Exception):
+    """No token, or one the server does not know (UNAUTHENTICATED, HTTP 401)."""

@@ -72,15 +72,39 @@ class ServeProcess:
         ]
         env = {"EDGE_LLM_STATE_DIR": tempfile.mkdtemp(prefix="edge-llm-state-"), **(env or {})}
         self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
         )
         self.lines: list[str] = []
+        self.printed: list[str] = []  # stdout: only what the server shows a person
         self._port: int | None = None
         self.http_port: int | None = None  # once `port` is known, when HTTP is on
         self._listening = threading.Event()
         self._logged = threading.Condition()
         self._ended = False
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._logged:
+                self.printed.append(line)
+                self._logged.notify_all()
+
+    def wait_for_printed(self, text: str, timeout: float = 60) -> str:
+        """The first line on stdout containing `text`, once it is there."""
+        with self._logged:
+            self._logged.wait_for(
+                lambda: any(text in line for line in self.printed) or self._ended, timeout
+            )
+            found = [line for line in self.printed if text in line]
+        if not found:
+            raise AssertionError(f"not printed: {text!r}; stdout: {''.join(self.printed)}")
+        return found[0]
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

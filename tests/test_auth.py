@@ -1,0 +1,262 @@
+"""Tokens: the file's rules, the safe default, and a real server that asks for them on gRPC,
+HTTP (the openai SDK) and the page's WebSocket, re-reads them on SIGHUP, and makes one when
+its file is missing."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import ServeProcess, start_server
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from edge_llm import auth
+from edge_llm.config import ConfigError, load_config
+from edge_llm.server import Server
+from edge_llm.v1 import edge_llm_pb2 as pb
+from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
+
+KIOSK = "kiosk-token-0123456789abcdef"
+TERMINAL = "terminal-token-0123456789abcdef"
+
+
+def token_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+# --- the file -------------------------------------------------------------------------------
+
+
+def test_a_token_file_others_may_read_is_refused(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "tokens", f"kiosk {KIOSK}\n", 0o644)
+    with pytest.raises(auth.AuthError, match=rf"mode 0644.*chmod 600 {path}"):
+        auth.Tokens(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("kiosk\n", "line 1: expected a name and a token"),
+        ("# nothing\n\n", "has no tokens"),
+        ("kiosk short\n", "shorter than 16 characters"),
+        (f"kiosk {KIOSK}\nkiosk {TERMINAL}\n", "line 2: 'kiosk' has a token already"),
+        (f"kiosk {KIOSK}\nother {KIOSK}\n", "line 2: 'other' has the same token"),
+    ],
+)
+def test_a_malformed_token_file_says_where(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(auth.AuthError, match=error) as refused:
+        auth.Tokens(token_file(tmp_path / "tokens", text))
+    assert KIOSK not in str(refused.value)  # never a token in a message
+
+
+def test_tokens_name_their_caller(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "tokens", f"# the shop\nkiosk {KIOSK}  # by the door\n")
+    tokens = auth.Tokens(path)
+    assert tokens.caller(KIOSK) == auth.Caller("kiosk")
+    assert tokens.caller(KIOSK + "x") is None and tokens.caller("") is None
+    with pytest.raises(auth.UnauthenticatedError, match="needs a token"):
+        auth.check(tokens, "")
+    with pytest.raises(auth.UnauthenticatedError, match="not one this server knows"):
+        auth.check(tokens, TERMINAL)
+    assert auth.check(None, "") == auth.ANONYMOUS  # no tokens configured
+
+
+def test_reload_keeps_the_old_tokens_when_the_file_goes_bad(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "tokens", f"kiosk {KIOSK}\n")
+    tokens = auth.Tokens(path)
+    token_file(path, f"terminal {TERMINAL}\n")
+    tokens.reload()
+    assert tokens.caller(TERMINAL) and not tokens.caller(KIOSK)
+    path.chmod(0o640)
+    tokens.reload()  # logged, not raised
+    assert tokens.caller(TERMINAL)
+
+
+def test_a_missing_token_file_is_made_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "tokens"
+    tokens = auth.Tokens(path)
+    assert tokens.made and tokens.caller(tokens.made) == auth.Caller(auth.GENERATED_NAME)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_bearer_and_websocket_subprotocol() -> None:
+    assert auth.bearer(f"Bearer {KIOSK}") == KIOSK
+    assert auth.bearer(f"bearer  {KIOSK} ") == KIOSK
+    assert auth.bearer(f"Basic {KIOSK}") == "" and auth.bearer(None) == ""
+    offered = base64.urlsafe_b64encode(KIOSK.encode()).decode().rstrip("=")
+    assert auth.ws_token(["edge-llm", f"bearer.{offered}"]) == KIOSK
+    assert auth.ws_token(["edge-llm", "bearer.%%%"]) == ""
+
+
+# --- the safe default -------------------------------------------------------------------------
+
+
+def test_every_address_without_tokens_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"0\.0\.0\.0:50051 without tokens.*--auth-tokens.*--insecure"
+    ):
+        load_config({"host": "0.0.0.0"}, env={})
+    with pytest.raises(ConfigError, match=r"\[::\]:8080 without tokens"):
+        load_config({"http_listen": "[::]:8080"}, env={})
+    assert load_config({"host": "0.0.0.0", "auth_tokens": "/t"}, env={}).exposed
+    assert load_config({"host": "0.0.0.0", "insecure": True}, env={}).insecure
+    assert not load_config({"host": "::1", "http_listen": "localhost:8080"}, env={}).exposed
+
+
+def test_serve_on_every_address_without_tokens_exits_with_what_to_add() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_llm", "serve", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--auth-tokens FILE" in result.stderr and "--insecure" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- a server that asks for them ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tokens = tmp_path_factory.mktemp("auth") / "tokens"
+    token_file(tokens, f"kiosk {KIOSK}\nterminal {TERMINAL}\n")
+    srv = start_server(tiny_model, auth_tokens=str(tokens))
+    yield srv
+    srv.stop(drain=0)
+
+
+def with_token(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_grpc_calls_need_a_token_health_does_not(guarded: Server) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        stub = pb_grpc.EdgeLLMStub(channel)
+        for metadata, needs in (((), "needs a token"), (with_token(KIOSK[::-1]), "not one")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetInfo(pb.GetInfoRequest(), metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert needs in (refused.value.details() or "")
+        request = pb.GenerateRequest(max_tokens=4)
+        request.messages.add(role="user", content="Hi")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answer = list(stub.Generate(request, metadata=with_token(KIOSK)))
+        assert answer[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(reflection.ServerReflectionInfo(iter([ask])))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        (listed,) = reflection.ServerReflectionInfo(iter([ask]), metadata=with_token(TERMINAL))
+        assert listed.list_services_response.service
+
+
+def test_the_openai_sdk_uses_its_api_key_as_the_token(guarded: Server) -> None:
+    base = f"http://127.0.0.1:{guarded.http_port}"
+    wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-not-a-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        wrong.models.list()
+    assert "not one this server knows" in str(refused.value)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KIOSK, max_retries=0)
+    answer = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert answer.choices[0].finish_reason
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/").status_code == 200  # the page's files: no data in them
+    for path in ("/metrics", "/api/sessions", "/api/info"):
+        refused_http = httpx.get(base + path)
+        assert refused_http.status_code == 401, path
+        assert refused_http.json()["error"]["code"] == "invalid_api_key"
+        assert refused_http.headers["www-authenticate"].startswith("Bearer")
+        assert httpx.get(base + path, headers={"Authorization": f"Bearer {KIOSK}"}).is_success
+
+
+def test_the_pages_websocket_offers_its_token_as_a_subprotocol(guarded: Server) -> None:
+    url = f"ws://127.0.0.1:{guarded.http_port}/api/chat"
+    origin = {"Origin": f"http://127.0.0.1:{guarded.http_port}"}
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, additional_headers=origin, subprotocols=["edge-llm"]).close()
+    assert refused.value.response.status_code == 403
+    offered = base64.urlsafe_b64encode(KIOSK.encode()).decode().rstrip("=")
+    protocols = ["edge-llm", f"bearer.{offered}"]
+    with connect(url, additional_headers=origin, subprotocols=protocols) as ws:  # type: ignore[arg-type]
+        assert ws.subprotocol == "edge-llm"
+
+
+def test_the_cli_sends_edge_llm_token(guarded: Server) -> None:
+    cmd = [sys.executable, "-m", "edge_llm", "info", "--address", f"127.0.0.1:{guarded.port}"]
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_LLM_TOKEN"}
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 1 and "EDGE_LLM_TOKEN" in refused.stderr
+    ok = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "EDGE_LLM_TOKEN": TERMINAL}, timeout=60
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+# --- the process: SIGHUP, and a token of its own -----------------------------------------------
+
+
+def test_sighup_rereads_the_tokens_and_calls_go_on(tiny_model: Path, tmp_path: Path) -> None:
+    path = token_file(tmp_path / "tokens", f"kiosk {KIOSK}\n")
+    serve = ServeProcess(tiny_model, "--auth-tokens", str(path))
+    try:
+        serve.wait_until_serving()
+        with grpc.insecure_channel(f"127.0.0.1:{serve.port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            stub.GetInfo(pb.GetInfoRequest(), metadata=with_token(KIOSK))
+            token_file(path, f"terminal {TERMINAL}\n")
+            serve.proc.send_signal(signal.SIGHUP)
+            serve.wait_for_log("tokens re-read")
+            stub.GetInfo(pb.GetInfoRequest(), metadata=with_token(TERMINAL))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetInfo(pb.GetInfoRequest(), metadata=with_token(KIOSK))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert KIOSK not in serve.log and TERMINAL not in serve.log
+    finally:
+        serve.kill()
+
+
+def test_a_token_it_makes_is_printed_once_never_logged(tiny_model: Path, tmp_path: Path) -> None:
+    path = tmp_path / "state" / "tokens"
+    serve = ServeProcess(tiny_model, "--auth-tokens", str(path))
+    try:
+        serve.wait_until_serving()
+        url = serve.wait_for_printed("#token=")
+        token = url.split("#token=")[1].strip()
+        assert f"127.0.0.1:{serve.http_port}/#token=" in url
+        assert path.read_text().split()[-2:] == [auth.GENERATED_NAME, token]
+        assert token not in serve.log
+        with grpc.insecure_channel(f"127.0.0.1:{serve.port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            stub.GetInfo(pb.GetInfoRequest(), metadata=with_token(token))
+    finally:
+        serve.kill()
+    again = ServeProcess(tiny_model, "--auth-tokens", str(path))
+    try:
+        again.wait_until_serving()
+        assert not any("#token=" in line for line in again.printed)
+        assert path.read_text().split()[-1] == token  # kept
+    finally:
+        again.kill()
