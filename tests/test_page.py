@@ -253,3 +253,38 @@ def test_loading_busy_and_gone_are_said_plainly(browser: Browser, tiny_model: Pa
     finally:
         if not srv._stopping:
             srv.stop(drain=0)
+
+
+def test_a_guarded_appliance_takes_its_token_from_the_url_or_asks_once(
+    browser: Browser, tiny_model: Path, tmp_path: Path
+) -> None:
+    """With auth_tokens: the URL the server prints (…/#token=T) opens the page ready to chat;
+    without it the page asks for the token once, then its calls and WebSocket carry it."""
+    secret = "kiosk-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"kiosk {secret}\n")
+    tokens.chmod(0o600)
+    srv = start_server(tiny_model, default_max_tokens=16, auth_tokens=str(tokens))
+    try:
+        base = f"http://127.0.0.1:{srv.http_port}/"
+        tab = Watched(browser, f"{base}#token={secret}")
+        assert "token" not in tab.page.url  # out of the address bar (and its history)
+        ask(tab.page, "Hi")
+        answered(tab.page)
+        tab.base = base  # what check_clean compares every URL with
+        tab.check_clean()
+        tab.context.close()
+
+        context = browser.new_context()
+        page = context.new_page()
+        asked: list[str] = []
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept(secret)))
+        page.goto(base)
+        expect(page.locator("#conn-state")).to_have_attribute("data-state", "open", timeout=WAIT)
+        ask(page, "Hello")
+        answered(page)
+        assert len(asked) == 1 and "needs its token" in asked[0], asked  # once, however
+        # many calls the page had made
+        context.close()
+    finally:
+        srv.stop(drain=0)

@@ -2,7 +2,19 @@
 // It reconnects by itself with backoff and reports its state so the page can
 // show it; turn-taking (one request at a time per socket) is app.js's job.
 
+import { token } from './api.js';
+
 const BACKOFF_S = [1, 2, 4, 8, 15];
+
+// A browser's WebSocket cannot send an Authorization header: the token goes as a subprotocol
+// beside ours, base64url-encoded (any token is then a valid protocol name), as Kubernetes does.
+function protocols() {
+  const t = token();
+  if (!t) return undefined;
+  const bytes = new TextEncoder().encode(t);
+  const b64 = btoa(String.fromCharCode(...bytes)).replace(/\+/g, '-').replace(/\//g, '_');
+  return ['edge-llm', `bearer.${b64.replace(/=+$/, '')}`];
+}
 
 export class ChatSocket {
   /**
@@ -19,6 +31,7 @@ export class ChatSocket {
     this.url.protocol = this.url.protocol === 'https:' ? 'wss:' : 'ws:';
     // Come back at once when the network or the tab does.
     window.addEventListener('online', () => this.reconnectNow());
+    window.addEventListener('edge-llm-token', () => this.reconnectNow());
     document.addEventListener('visibilitychange', () => {
       if (document.visibilityState === 'visible') this.reconnectNow();
     });
@@ -31,7 +44,7 @@ export class ChatSocket {
   connect() {
     clearTimeout(this.timer);
     this.onState({ state: 'connecting' });
-    const ws = new WebSocket(this.url);
+    const ws = new WebSocket(this.url, protocols());
     this.ws = ws;
     ws.addEventListener('open', () => {
       this.failures = 0;
