@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from typing import TextIO
 
 
 def setup(level: str, env: Mapping[str, str] = os.environ) -> None:
@@ -25,9 +26,14 @@ def setup(level: str, env: Mapping[str, str] = os.environ) -> None:
 def stderr_is_journal(env: Mapping[str, str] = os.environ) -> bool:
     """systemd sets JOURNAL_STREAM to the device:inode of the stream it gave us; if stderr is
     something else (a wrapper redirected it), lines must go there instead."""
+    return is_journal(sys.stderr, env)
+
+
+def is_journal(stream: TextIO, env: Mapping[str, str] = os.environ) -> bool:
+    """The stream goes to the journal (see stderr_is_journal)."""
     try:
         device, inode = (int(part) for part in env.get("JOURNAL_STREAM", "").split(":"))
-        st = os.fstat(sys.stderr.fileno())
+        st = os.fstat(stream.fileno())
     except (ValueError, OSError, AttributeError):
         return False
     return (st.st_dev, st.st_ino) == (device, inode)

@@ -17,6 +17,7 @@ import logging
 import platform
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from edge_llm import auth, backend, faults, hardware, memory, models, sessions
+from edge_llm import auth, backend, faults, hardware, logs, memory, models, sessions
 from edge_llm.admission import Scheduler
 from edge_llm.appliance import TOKENIZERS, Appliance, Loaded
 from edge_llm.checks import Limits
@@ -144,8 +145,16 @@ class Server:
 
     def _show_made_token(self, token: str) -> None:
         """A token this start generated, shown once, on stdout rather than in the log (as
-        Jupyter does): the one way for the person who started the server to learn it."""
+        Jupyter does): the one way for the person who started the server to learn it. Not
+        where stdout is the journal, which would keep it for anyone who reads the logs."""
         assert self.tokens is not None
+        if logs.is_journal(sys.stdout):
+            log.warning(
+                "made a token in %s; it is not shown in the journal: sudo cat %s",
+                self.tokens.path,
+                self.tokens.path,
+            )
+            return
         where = f"http://127.0.0.1:{self.http_port}/" if self._http else None
         lines = [
             f"edge-llm made a token, kept in {self.tokens.path} (name {auth.GENERATED_NAME!r}).",

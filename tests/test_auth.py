@@ -18,11 +18,11 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import ServeProcess, start_server
+from helpers import ServeProcess, make_config, start_server
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from edge_llm import auth
+from edge_llm import auth, logs
 from edge_llm.config import ConfigError, load_config
 from edge_llm.server import Server
 from edge_llm.v1 import edge_llm_pb2 as pb
@@ -260,3 +260,22 @@ def test_a_token_it_makes_is_printed_once_never_logged(tiny_model: Path, tmp_pat
         assert path.read_text().split()[-1] == token  # kept
     finally:
         again.kill()
+
+
+def test_under_the_journal_a_made_token_is_not_shown(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, caplog
+) -> None:
+    """Under systemd stdout is the journal, which keeps everything for whoever reads logs: the
+    server says where the token is instead."""
+    journal = tmp_path / "journal"
+    journal.touch()
+    st = journal.stat()
+    with journal.open() as stream:
+        assert logs.is_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not logs.is_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+    srv = Server(make_config(tiny_model, auth_tokens=str(tmp_path / "tokens")))
+    assert srv.tokens is not None and srv.tokens.made
+    monkeypatch.setattr(logs, "is_journal", lambda stream, env=os.environ: True)
+    srv._show_made_token(srv.tokens.made)
+    assert srv.tokens.made not in capsys.readouterr().out + caplog.text
+    assert f"sudo cat {tmp_path / 'tokens'}" in caplog.text
