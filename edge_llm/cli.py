@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge_llm import __version__, auth, models
+from edge_llm import __version__, auth, models, tls
 from edge_llm.config import Config, ConfigError, load_config
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -105,6 +105,12 @@ def _serve_parser(
         default=None,
         help="allow a non-loopback address without tokens, on purpose",
     )
+    p.add_argument("--tls-cert", help="TLS certificate (PEM) for gRPC and HTTP; with --tls-key")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca",
+        help="require client certificates signed by this CA (PEM); their subject names the caller",
+    )
     if name == "doctor":
         p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -115,6 +121,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
         "--token",
         help="the server's token (default: $EDGE_LLM_TOKEN; better there: a flag shows in ps)",
     )
+    p.add_argument("--tls-ca", help="TLS: trust the server's certificate from this CA (PEM)")
+    p.add_argument("--tls-cert", help="TLS: this client's certificate (PEM), for mTLS")
+    p.add_argument("--tls-key", help="TLS: its private key (PEM)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge_llm import client
 
         return client.main(args)
-    except (ConfigError, auth.AuthError, models.ModelError, OSError) as e:
+    except (ConfigError, auth.AuthError, tls.TlsError, models.ModelError, OSError) as e:
         print(f"edge-llm: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 def main(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("EDGE_LLM_TOKEN", "")
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.EdgeLLMStub(grpc.intercept_channel(channel, _Bearer(token)))
         try:
             if args.command == "info":
@@ -31,6 +32,15 @@ def main(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             print(f"edge-llm: {_describe(e, args.address)}", file=sys.stderr)
             return 1
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain, or TLS when given a CA to trust or a client certificate."""
+    if not (args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.address)
+    files = (args.tls_ca, args.tls_key, args.tls_cert)
+    ca, key, cert = (Path(f).read_bytes() if f else None for f in files)
+    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca, key, cert))
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):

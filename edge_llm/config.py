@@ -71,6 +71,11 @@ class Config:
     auth_tokens: str = ""
     # Server reflection (grpcurl list/describe: the API's shape, no data) without a token.
     public_reflection: bool = False
+    # TLS on both ports (PEM files), re-read on SIGHUP; with a client CA every connection must
+    # show a certificate it signed (mTLS), whose subject then names the caller.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     # Listen on a non-loopback address without tokens, on purpose (a network of one's own).
     insecure: bool = False
 
@@ -109,13 +114,19 @@ class Config:
             raise ConfigError(
                 f"context_overflow must be drop_oldest or refuse, got {self.context_overflow!r}"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
         exposed = self.exposed
-        if exposed and not self.auth_tokens and not self.insecure:
+        if exposed and not (self.auth_tokens or self.tls_client_ca) and not self.insecure:
             raise ConfigError(
                 f"listening on {' and '.join(exposed)} without tokens would let anyone on the "
                 "network read, change and delete every conversation: add --auth-tokens FILE "
-                "(auth_tokens; a missing FILE is made with a new token), or --insecure "
-                "(insecure = true) to allow it on purpose, or listen on 127.0.0.1"
+                "(auth_tokens; a missing FILE is made with a new token; with --tls-cert and "
+                "--tls-key they do not cross the network in clear) or client certificates "
+                "(--tls-client-ca), or --insecure (insecure = true) to allow it on purpose, or "
+                "listen on 127.0.0.1"
             )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(

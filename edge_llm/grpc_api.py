@@ -67,8 +67,13 @@ def _statuses(context: grpc.ServicerContext) -> Iterator[None]:
 
 
 def authenticate(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:
+    """The caller: a token's name; else a verified client certificate's subject (mTLS)."""
     metadata = dict(context.invocation_metadata())
-    return auth.check(tokens, auth.bearer(metadata.get("authorization")))
+    caller = auth.check(tokens, auth.bearer(metadata.get("authorization")))
+    subject = context.auth_context().get("x509_subject")
+    if caller == auth.ANONYMOUS and subject:
+        return auth.Caller(subject[0].decode())
+    return caller
 
 
 def authenticated(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:

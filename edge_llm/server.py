@@ -17,6 +17,7 @@ import logging
 import platform
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from edge_llm import auth, backend, faults, hardware, logs, memory, models, sessions
+from edge_llm import auth, backend, faults, hardware, logs, memory, models, sessions, tls
 from edge_llm.admission import Scheduler
 from edge_llm.appliance import TOKENIZERS, Appliance, Loaded
 from edge_llm.checks import Limits
@@ -78,6 +79,10 @@ class Server:
         )
         self.core = Appliance(self.limits, config.log_prompts)
         self.tokens = auth.Tokens(Path(config.auth_tokens)) if config.auth_tokens else None
+        self.tls = None
+        if config.tls_cert:
+            ca = Path(config.tls_client_ca) if config.tls_client_ca else None
+            self.tls = tls.Tls(tls.TlsFiles(Path(config.tls_cert), Path(config.tls_key), ca))
         self.service = EdgeLLMService(self.core, self.tokens)
         self.health = _Health()
         self.serving = False  # health's overall status, for HTTP's /health
@@ -115,14 +120,17 @@ class Server:
             _Reflection(names, _REFLECTION_STREAMS, tokens), server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(self.config.address)
+        if self.tls is None:
+            self.port = server.add_insecure_port(self.config.address)
+        else:
+            self.port = server.add_secure_port(self.config.address, self.tls.grpc_credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}: in use, or not a local address")
         server.start()
         self._grpc = server
         if (http := self.config.http_address) is not None:
             app = build_app(self.core, lambda: self.serving, is_loopback(http[0]), self.tokens)
-            self._http = _HttpServer(app, *http, threads=workers)
+            self._http = _HttpServer(app, *http, workers, self.tls)
             self.http_port = self._http.port
             log.info(
                 "HTTP on %s:%d: the chat page, the OpenAI-style API under /v1, /health",
@@ -134,10 +142,22 @@ class Server:
             self.config.host,
             self.port,
         )
-        if self.tokens is None:
-            for address in self.config.exposed:  # only with insecure = true
+        scheme = "with TLS" if self.tls else "without TLS"
+        for address in self.config.exposed:
+            if self.tokens is None and self.config.tls_client_ca == "":  # insecure = true
                 log.warning("insecure: anyone who reaches %s may use every session", address)
-        else:
+            elif self.tls is None:
+                log.warning(
+                    "%s without TLS: tokens and answers cross the network in clear; "
+                    "add --tls-cert and --tls-key",
+                    address,
+                )
+        log.info(
+            "gRPC and HTTP %s%s",
+            scheme,
+            ", client certificates required" if self.config.tls_client_ca else "",
+        )
+        if self.tokens is not None:
             log.info("tokens from %s: %s", self.tokens.path, ", ".join(self.tokens.names))
             if self.tokens.made is not None:
                 self._show_made_token(self.tokens.made)
@@ -164,9 +184,11 @@ class Server:
         print("\n".join(lines), flush=True)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the tokens."""
+        """SIGHUP: re-read the tokens and the TLS files."""
         if self.tokens is not None:
             self.tokens.reload()
+        if self.tls is not None:
+            self.tls.reload(self._http.ssl if self._http else None)
 
     def load(self) -> None:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
@@ -452,7 +474,9 @@ class _HttpServer:
     """uvicorn on an event loop of its own, in a thread: the port is bound here, so a port in
     use fails the start like gRPC's, and port 0 is known at once."""
 
-    def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, threads: int, secure: tls.Tls | None
+    ) -> None:
         self._threads = threads
         try:
             self._socket = socket.create_server(
@@ -470,7 +494,10 @@ class _HttpServer:
             ws_max_size=1024 * 1024,
             timeout_graceful_shutdown=int(_FLUSH_SECONDS),
             server_header=False,
+            **(secure.http_options() if secure else {}),
         )
+        config.load()  # here, not in serve(): its SSLContext is the one SIGHUP reloads
+        self.ssl: ssl.SSLContext | None = config.ssl
         self._server = uvicorn.Server(config)
         # Its start and stop lines repeat ours, under the name "uvicorn.error": keep its
         # warnings and errors only.
