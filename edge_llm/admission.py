@@ -82,11 +82,15 @@ class Scheduler:
         parallel: int,
         queue_depth: int,
         batch_size: int,
+        client_queue_depth: int = 0,
     ) -> None:
+        """`client_queue_depth`: requests one named owner (a token's name) may have waiting,
+        so one client cannot fill the queue for all (0: no such limit)."""
         self._kv = kv
         self._batch = Batch(engine, batch_size, kv.pool)
         self.parallel = parallel
         self.queue_depth = queue_depth
+        self.client_queue_depth = client_queue_depth
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # what the worker runs; read under the lock elsewhere
         self._cond = threading.Condition()
@@ -100,22 +104,28 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def check_room(self) -> None:
+    def check_room(self, owner: str = "") -> None:
         """Refuse now what submit() would refuse, before any work is spent on the request."""
         with self._cond:
-            self._check_room()
+            self._check_room(owner)
 
-    def _check_room(self) -> None:
+    def _check_room(self, owner: str) -> None:
         if not self._accepting:
             raise NotReadyError("the server is shutting down; retry on another instance")
         if len(self._waiting) >= self.queue_depth:
             raise QueueFullError(
                 f"the queue is full ({self.queue_depth} requests waiting); retry later"
             )
+        limit = self.client_queue_depth
+        if owner and limit and sum(j.owner == owner for j in self._waiting) >= limit:
+            raise QueueFullError(
+                f"{limit} of {owner}'s requests are waiting already, the most one client may "
+                "have; retry once one has started"
+            )
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            self._check_room()
+            self._check_room(job.owner)
             if job.cancelled.is_set():  # the call ended before it got here
                 job.outbox.put(Chunk("", finish_reason=FinishReason.CANCELLED))
                 return

@@ -218,14 +218,17 @@ class Appliance:
         session_id: str | None,
         peer: str,
         replace_last: bool = False,
+        *,
+        owner: str,
     ) -> Generation:
-        """Admit a request that came through `api` (grpc, openai, page): refused at once when
-        the queue is full, then validated (`build`, with the session's defaults), tokenized
-        and queued. In a session the session is claimed until the generation ends (chunks()
-        finishes, or cancel()); `replace_last`: the turn takes the place of the session's
-        last one."""
+        """Admit a request that came through `api` (grpc, openai, page) from `owner` (the
+        caller's name; "" without tokens): refused at once when the queue is full (or holds
+        as many of the owner's as one client may have waiting), then validated (`build`,
+        with the session's defaults), tokenized and queued. In a session (the owner's) the
+        session is claimed until the generation ends (chunks() finishes, or cancel());
+        `replace_last`: the turn takes the place of the session's last one."""
         try:
-            return self._admit(api, build, session_id, peer, replace_last)
+            return self._admit(api, build, session_id, peer, replace_last, owner)
         except Exception:
             self.metrics.ended_without_answer(api, refused=True)
             raise
@@ -237,21 +240,22 @@ class Appliance:
         session_id: str | None,
         peer: str,
         replace_last: bool,
+        owner: str,
     ) -> Generation:
         received_at = time.monotonic()
         loaded = self.ready()
-        loaded.scheduler.check_room()  # a full queue refuses before any work is done
+        loaded.scheduler.check_room(owner)  # a full queue refuses before any work is done
         if session_id is None:
             if replace_last:
                 raise RequestError("replace_last needs a session_id: the turn it replaces")
             req = build(None)
             with self.tokenizing.enter():
                 prompt = loaded.engine.prompt_tokens(req)
-            job = Job(req, prompt, received_at=received_at, peer=peer)
+            job = Job(req, prompt, received_at=received_at, peer=peer, owner=owner)
             generation = Generation(self, loaded, job, None, api)
         else:
             conversations = loaded.conversations
-            claim = conversations.claim(session_id)  # busy first, then read
+            claim = conversations.claim(session_id, owner)  # busy first, then read
             try:
                 req = build(claim.session.defaults)
                 with self.tokenizing.enter():
@@ -259,7 +263,7 @@ class Appliance:
             except BaseException:
                 conversations.release(claim)
                 raise
-            job = Job(turn.request, turn.prompt, received_at=received_at, peer=peer)
+            job = Job(turn.request, turn.prompt, received_at=received_at, peer=peer, owner=owner)
             generation = Generation(self, loaded, job, turn, api)
         # Queued here, so a queue that filled up meanwhile, or a stop, is still a refusal.
         try:
@@ -276,24 +280,28 @@ class Appliance:
         with self.tokenizing.enter():
             return engine.tokenize(text, messages)
 
+    # Sessions are their owner's (the caller's name; "" without tokens): another's is
+    # NotFoundError, as a missing one.
     def create_session(
-        self, system_prompt: str, defaults: SamplingDefaults, title: str = ""
+        self, system_prompt: str, defaults: SamplingDefaults, title: str = "", *, owner: str
     ) -> Session:
-        session = self.ready().conversations.create(system_prompt, defaults, title)
+        session = self.ready().conversations.create(system_prompt, defaults, title, owner)
         log.info("session %s created", session.id, extra={"SESSION_ID": session.id})
         return session
 
-    def update_session(self, session_id: str, changes: SessionChanges) -> Session:
-        return self.ready().conversations.update(session_id, changes)
+    def update_session(self, session_id: str, changes: SessionChanges, *, owner: str) -> Session:
+        return self.ready().conversations.update(session_id, changes, owner)
 
-    def get_session(self, session_id: str) -> Session:
-        return self.ready().conversations.store.get(session_id)
+    def get_session(self, session_id: str, *, owner: str) -> Session:
+        return self.ready().conversations.store.get(session_id, owner)
 
-    def list_sessions(self, page_size: int, page_token: str) -> tuple[list[Session], str]:
-        return self.ready().conversations.store.list(page_size, page_token)
+    def list_sessions(
+        self, page_size: int, page_token: str, *, owner: str
+    ) -> tuple[list[Session], str]:
+        return self.ready().conversations.store.list(page_size, page_token, owner)
 
-    def delete_session(self, session_id: str) -> None:
-        self.ready().conversations.delete(session_id)
+    def delete_session(self, session_id: str, *, owner: str) -> None:
+        self.ready().conversations.delete(session_id, owner)
         log.info("session %s deleted", session_id, extra={"SESSION_ID": session_id})
 
     def _live(self) -> Live | None:

@@ -55,6 +55,10 @@ class Config:
     # $XDG_STATE_HOME/edge-llm (~/.local/state/edge-llm).
     state_dir: str = ""
     max_sessions: int = 1000  # more: the least recently used are removed
+    # Per client (a token's name; without tokens all are one): sessions it may keep (its own
+    # least recently used make room for more) and requests it may have waiting.
+    client_max_sessions: int = 250
+    client_queue_depth: int = 4
     session_idle_hours: int = 168  # unused this long: removed; 0 = never
     # MiB of saved KV caches kept in memory (part of the memory plan); sessions' beyond go to disk.
     session_cache_mb: int = 128
@@ -80,7 +84,14 @@ class Config:
     insecure: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "queue_depth", "max_tokens", "max_sessions")
+        positive = (
+            "batch_size",
+            "queue_depth",
+            "max_tokens",
+            "max_sessions",
+            "client_max_sessions",
+            "client_queue_depth",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

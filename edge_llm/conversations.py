@@ -23,6 +23,7 @@ from edge_llm.types import (
     BusyError,
     ChatMessage,
     GenerateRequest,
+    NotFoundError,
     PreconditionError,
     RequestError,
     SamplingDefaults,
@@ -74,7 +75,9 @@ class Conversations:
         self._lock = threading.Lock()
         self._expired_at = time.monotonic()
 
-    def create(self, system_prompt: str, defaults: SamplingDefaults, title: str = "") -> Session:
+    def create(
+        self, system_prompt: str, defaults: SamplingDefaults, title: str = "", owner: str = ""
+    ) -> Session:
         if not self._has_chat_template:
             raise PreconditionError(
                 "sessions need a chat template, and this model has none; send raw prompts"
@@ -82,15 +85,17 @@ class Conversations:
         self._check_system_prompt(system_prompt)
         with self._lock:
             busy = set(self._busy)
-        session, removed = self.store.create(system_prompt, defaults, keep=busy, title=title)
+        session, removed = self.store.create(
+            system_prompt, defaults, keep=busy, title=title, owner=owner
+        )
         self._forget_all(removed)
         return session
 
-    def update(self, session_id: str, changes: SessionChanges) -> Session:
+    def update(self, session_id: str, changes: SessionChanges, owner: str) -> Session:
         """Rename, or change the system prompt or defaults: the next turn uses them."""
         if changes.system_prompt is not None:
             self._check_system_prompt(changes.system_prompt)
-        return self.store.update(session_id, changes)
+        return self.store.update(session_id, changes, owner)
 
     def _check_system_prompt(self, system_prompt: str) -> None:
         if system_prompt:
@@ -101,11 +106,15 @@ class Conversations:
                     "-token context may go to it, the rest is for the conversation"
                 )
 
-    def delete(self, session_id: str) -> None:
-        self.store.delete(session_id)
+    def delete(self, session_id: str, owner: str) -> None:
+        self.store.delete(session_id, owner)
         self._forget(session_id)
 
-    def claim(self, session_id: str) -> Claim:
+    def claim(self, session_id: str, owner: str) -> Claim:
+        """The session, `owner`'s, to add a turn to: busy until released."""
+        # Another's session is not found, before it could be found busy (or marked busy).
+        if not self.store.owns(session_id, owner):
+            raise NotFoundError(f"no session {session_id!r}; create one with CreateSession")
         with self._lock:
             if session_id in self._busy:
                 raise BusyError(
@@ -115,7 +124,7 @@ class Conversations:
             claim_token = next(self._tokens)
             self._busy[session_id] = claim_token
         try:
-            session = self.store.get(session_id)
+            session = self.store.get(session_id, owner)
         except BaseException:
             self._release(session_id, claim_token)
             raise

@@ -54,6 +54,7 @@ class Job:
     stats: GenerationStats = field(default_factory=GenerationStats)
     id: int = field(default_factory=lambda: next(_ids))
     peer: str = ""
+    owner: str = ""  # the caller's name (a token's), for the per-client queue limit
     received_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     # Set by the RPC-done callback (client cancelled, went away, or passed its deadline).

@@ -115,6 +115,10 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         """Who calls, by the token in its metadata; UNAUTHENTICATED without a good one."""
         return authenticate(self.tokens, context)
 
+    def owner(self, context: grpc.ServicerContext) -> str:
+        """Whose sessions the call may see: the caller's name ("" without tokens)."""
+        return self.caller(context).name
+
     @_rpc
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
@@ -125,7 +129,12 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
             return convert.generate_request_from_pb(request, self.core.limits, defaults)
 
         generation = self.core.generate(
-            "grpc", build, session_id, context.peer(), request.replace_last
+            "grpc",
+            build,
+            session_id,
+            context.peer(),
+            request.replace_last,
+            owner=self.owner(context),
         )
         # The RPC-done callback: the client cancelled, went away or passed its deadline.
         if not context.add_callback(generation.cancel):
@@ -142,7 +151,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         system_prompt = checks.size("system_prompt", request.system_prompt, limits.max_text_bytes)
         title = checks.size("title", request.title, checks.MAX_TITLE_BYTES)
         defaults = convert.sampling_defaults_from_pb(request.defaults, limits)
-        session = self.core.create_session(system_prompt, defaults, title)
+        session = self.core.create_session(
+            system_prompt, defaults, title, owner=self.owner(context)
+        )
         return pb.CreateSessionResponse(session=convert.session_to_pb(session))
 
     @_rpc
@@ -151,14 +162,15 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     ) -> pb.UpdateSessionResponse:
         session_id = checks.session_id(request.id, "id")
         changes = convert.session_changes_from_pb(request, self.core.limits)
-        session = self.core.update_session(session_id, changes)
+        session = self.core.update_session(session_id, changes, owner=self.owner(context))
         return pb.UpdateSessionResponse(session=convert.session_to_pb(session))
 
     @_rpc
     def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.ServicerContext
     ) -> pb.GetSessionResponse:
-        session = self.core.get_session(checks.session_id(request.id, "id"))
+        session_id = checks.session_id(request.id, "id")
+        session = self.core.get_session(session_id, owner=self.owner(context))
         return pb.GetSessionResponse(session=convert.session_to_pb(session))
 
     @_rpc
@@ -166,7 +178,9 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
         self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
     ) -> pb.ListSessionsResponse:
         page_size = checks.page_size(request.page_size)
-        sessions, token = self.core.list_sessions(page_size, request.page_token)
+        sessions, token = self.core.list_sessions(
+            page_size, request.page_token, owner=self.owner(context)
+        )
         return pb.ListSessionsResponse(
             sessions=[convert.session_to_pb(s) for s in sessions], next_page_token=token
         )
@@ -175,7 +189,8 @@ class EdgeLLMService(pb_grpc.EdgeLLMServicer):
     def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSessionResponse:
-        self.core.delete_session(checks.session_id(request.id, "id"))
+        session_id = checks.session_id(request.id, "id")
+        self.core.delete_session(session_id, owner=self.owner(context))
         return pb.DeleteSessionResponse()
 
     @_rpc

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from anyio.to_thread import run_sync
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
@@ -49,6 +49,13 @@ STATUS: list[tuple[type[Exception], int, str, str]] = [
     (UnauthenticatedError, 401, "invalid_request_error", "invalid_api_key"),  # OpenAI's own
 ]
 RETRY_AFTER_SECONDS = 1  # a full queue moves on within a few answers' time
+
+
+def owner(connection: HTTPConnection) -> str:
+    """Whose sessions the request may see: the caller the app's token check found ("" when
+    the server asks for no tokens)."""
+    caller = connection.scope.get("state", {}).get("caller")
+    return "" if caller is None else str(caller.name)
 
 
 def error_status(e: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:

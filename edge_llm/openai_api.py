@@ -9,6 +9,7 @@ begun is sent as an OpenAI error event (the SDKs raise it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from edge_llm import openai_convert as oc
 from edge_llm.appliance import Appliance, Generation
-from edge_llm.http_base import cut_off, error_status, in_threads, json_body, watching
+from edge_llm.http_base import cut_off, error_status, in_threads, json_body, owner, watching
 from edge_llm.types import Chunk, GenerateRequest, NotFoundError, SamplingDefaults
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -83,7 +84,8 @@ class OpenAIRoutes:
         session_id: str | None,
     ) -> Generation:
         peer = f"http:{request.client.host}:{request.client.port}" if request.client else "http"
-        return await run_sync(self.core.generate, "openai", build, session_id, peer)
+        generate = functools.partial(self.core.generate, owner=owner(request))
+        return await run_sync(generate, "openai", build, session_id, peer)
 
     async def chat_completions(self, request: Request) -> Response:
         limits = self.core.limits

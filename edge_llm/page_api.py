@@ -17,6 +17,7 @@ cookies and reaches loopback from any site it has open (cross-site WebSocket hij
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -38,7 +39,7 @@ from starlette.websockets import WebSocket
 from edge_llm import __version__, auth, checks
 from edge_llm import openai_convert as oc
 from edge_llm.appliance import Appliance, Generation
-from edge_llm.http_base import error_status, finish, in_threads, json_body
+from edge_llm.http_base import error_status, finish, in_threads, json_body, owner
 from edge_llm.types import (
     ChatMessage,
     Chunk,
@@ -135,7 +136,8 @@ class PageRoutes:
             raise RequestError(f"page_size must be a whole number; got {size!r}")
         page_size = checks.page_size(int(size))
         token = request.query_params.get("page_token", "")
-        sessions, next_token = await run_sync(self.core.list_sessions, page_size, token)
+        listing = functools.partial(self.core.list_sessions, owner=owner(request))
+        sessions, next_token = await run_sync(listing, page_size, token)
         return JSONResponse(
             {"sessions": [session_json(s) for s in sessions], "next_page_token": next_token}
         )
@@ -146,12 +148,14 @@ class PageRoutes:
         system_prompt = _text(body, "system_prompt", limits.max_text_bytes) or ""
         title = _text(body, "title", checks.MAX_TITLE_BYTES) or ""
         defaults = _defaults(body, limits) or SamplingDefaults()
-        session = await run_sync(self.core.create_session, system_prompt, defaults, title)
+        create = functools.partial(self.core.create_session, owner=owner(request))
+        session = await run_sync(create, system_prompt, defaults, title)
         return JSONResponse(session_json(session))
 
     async def get_session(self, request: Request) -> Response:
         session_id = checks.session_id(request.path_params["id"], "id")
-        return JSONResponse(session_json(await run_sync(self.core.get_session, session_id)))
+        get = functools.partial(self.core.get_session, owner=owner(request))
+        return JSONResponse(session_json(await run_sync(get, session_id)))
 
     async def update_session(self, request: Request) -> Response:
         limits = self.core.limits
@@ -162,12 +166,15 @@ class PageRoutes:
             system_prompt=_text(body, "system_prompt", limits.max_text_bytes),
             defaults=_defaults(body, limits),
         )
-        session = await run_sync(self.core.update_session, session_id, changes)
+        update = functools.partial(self.core.update_session, owner=owner(request))
+        session = await run_sync(update, session_id, changes)
         return JSONResponse(session_json(session))
 
     async def delete_session(self, request: Request) -> Response:
         session_id = checks.session_id(request.path_params["id"], "id")
-        await run_sync(self.core.delete_session, session_id)
+        await run_sync(
+            functools.partial(self.core.delete_session, owner=owner(request)), session_id
+        )
         return Response(status_code=204)
 
     async def chat(self, websocket: WebSocket) -> None:
@@ -205,6 +212,7 @@ class _ChatSocket:
         self.closed = False  # the page went away
         client = websocket.client
         self.peer = f"ws:{client.host}:{client.port}" if client else "ws"
+        self.owner = owner(websocket)
 
     async def run(self) -> None:
         try:
@@ -300,9 +308,8 @@ class _ChatSocket:
         def build(defaults: SamplingDefaults | None) -> Any:
             return checks.request(None, user, given, limits, defaults, session_id)
 
-        return await run_sync(
-            self.core.generate, "page", build, session_id, self.peer, replace_last
-        )
+        generate = functools.partial(self.core.generate, owner=self.owner)
+        return await run_sync(generate, "page", build, session_id, self.peer, replace_last)
 
     async def _error(self, e: Exception) -> None:
         status, body, headers = error_status(e)

@@ -221,6 +221,7 @@ class Server:
             plan.memory.parallel,
             self.config.queue_depth,
             settings.batch_size,
+            self.config.client_queue_depth,
         )
         scheduler.start()
         conversations = self._open_sessions(engine, kv, plan.settings.context_length)
@@ -269,6 +270,7 @@ class Server:
             self.config.max_sessions,
             self.config.session_idle_hours * 3600,
             make_room=kv.free_disk,
+            max_per_owner=self.config.client_max_sessions,
         )
         for removed in store.expire():
             kv.forget(removed)

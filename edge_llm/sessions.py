@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     dropped_messages INTEGER NOT NULL DEFAULT 0,
-    title TEXT NOT NULL DEFAULT ''          -- given, or the start of the first question
+    title TEXT NOT NULL DEFAULT '',         -- given, or the start of the first question
+    owner TEXT NOT NULL DEFAULT ''          -- who made it (a token's name); '': no tokens
 );
 CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (updated_at DESC, id DESC);
 CREATE TABLE IF NOT EXISTS messages (
@@ -101,12 +102,16 @@ class SessionStore:
         max_sessions: int,
         idle_expiry_seconds: float,
         make_room: Callable[[], int] = lambda: 0,
+        max_per_owner: int = 0,
     ) -> None:
-        """`make_room` frees disk space when it is full (the spilled KV caches); the bytes."""
+        """`make_room` frees disk space when it is full (the spilled KV caches); the bytes.
+        `max_per_owner`: sessions one named owner may keep (0: no such limit); its least
+        recently used make room for its next, never another owner's."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._make_room = make_room
         self.max_sessions = max_sessions
+        self.max_per_owner = max_per_owner
         self.idle_expiry_seconds = idle_expiry_seconds
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -117,6 +122,11 @@ class SessionStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "title" not in columns:  # a store made before titles
             self._db.execute("ALTER TABLE sessions ADD COLUMN title TEXT NOT NULL DEFAULT ''")
+        if "owner" not in columns:  # before owners: nobody's (seen only without tokens)
+            self._db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, updated_at DESC, id)"
+        )
         (newest,) = self._db.execute("SELECT max(updated_at) FROM sessions").fetchone()
         self._clock = _Clock(newest or 0.0)
 
@@ -130,24 +140,34 @@ class SessionStore:
         defaults: SamplingDefaults,
         keep: Collection[str] = (),
         title: str = "",
+        owner: str = "",
     ) -> tuple[Session, list[str]]:
-        """A new session; also the ids of the sessions removed to make room or idle too long
-        (never those in `keep`: they are answering)."""
+        """A new session of `owner`'s; also the ids of the sessions removed to make room or
+        idle too long (never those in `keep`: they are answering)."""
         session_id = uuid.uuid4().hex
         with self._lock:
             now = self._now()
             with self._transaction():
-                removed = self._expire(now, room_for=1, keep=keep)
+                removed = self._expire(now, room_for=1, keep=keep, owner=owner)
                 self._db.execute(
                     "INSERT INTO sessions (id, system_prompt, defaults, created_at, updated_at, "
-                    "title) VALUES (?, ?, ?, ?, ?, ?)",
-                    (session_id, system_prompt, json.dumps(asdict(defaults)), now, now, title),
+                    "title, owner) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        session_id,
+                        system_prompt,
+                        json.dumps(asdict(defaults)),
+                        now,
+                        now,
+                        title,
+                        owner,
+                    ),
                 )
         session = Session(session_id, system_prompt, defaults, (), 0, 0, now, now, title)
         return session, removed
 
-    def update(self, session_id: str, changes: SessionChanges) -> Session:
-        """Change what was given; the session is not counted as used."""
+    def update(self, session_id: str, changes: SessionChanges, owner: str | None = None) -> Session:
+        """Change what was given; the session is not counted as used. With `owner`, only one
+        of its sessions (another's is NotFoundError, as a missing one: ids are not shown)."""
         given = {"title": changes.title, "system_prompt": changes.system_prompt}
         values: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if changes.defaults is not None:
@@ -155,21 +175,24 @@ class SessionStore:
         if values:
             with self._lock, self._transaction():
                 assignments = ", ".join(f"{name} = ?" for name in values)
+                mine, args = _owned(owner)
                 updated = self._db.execute(
-                    f"UPDATE sessions SET {assignments} WHERE id = ?",
-                    (*values.values(), session_id),
+                    f"UPDATE sessions SET {assignments} WHERE id = ?{mine}",
+                    (*values.values(), session_id, *args),
                 )
                 if not updated.rowcount:
                     raise NotFoundError(f"no session {session_id!r}")
-        return self.get(session_id)
+        return self.get(session_id, owner)
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """A session with its messages; with `owner`, only one of its own."""
+        mine, args = _owned(owner)
         with self._lock:
             now = self._now()
             row = self._db.execute(
                 "SELECT id, system_prompt, defaults, created_at, updated_at, dropped_messages, "
-                "title FROM sessions WHERE id = ?",
-                (session_id,),
+                f"title FROM sessions WHERE id = ?{mine}",
+                (session_id, *args),
             ).fetchone()
             if row is None or self._idle(row[4], now):
                 raise NotFoundError(f"no session {session_id!r}; create one with CreateSession")
@@ -182,17 +205,25 @@ class SessionStore:
             )
         return _session(row, messages, len(messages))
 
-    def list(self, page_size: int, page_token: str) -> tuple[list[Session], str]:
-        """Most recently used first; the token for the next page, or "" after the last."""
-        where, args = "", []
+    def list(
+        self, page_size: int, page_token: str, owner: str | None = None
+    ) -> tuple[list[Session], str]:
+        """Most recently used first (with `owner`, its own only); the token for the next
+        page, or "" after the last."""
+        conditions: builtins.list[str] = ["1"]
+        args: builtins.list[Any] = []
+        if owner is not None:
+            conditions.append("s.owner = ?")
+            args.append(owner)
         if page_token:
             updated_at, after_id = _decode_token(page_token)
-            where = "WHERE (s.updated_at, s.id) < (?, ?)"
-            args = [updated_at, after_id]
+            conditions.append("(s.updated_at, s.id) < (?, ?)")
+            args += [updated_at, after_id]
         with self._lock:
             if self.idle_expiry_seconds:
-                where += (" AND " if where else "WHERE ") + "s.updated_at >= ?"
+                conditions.append("s.updated_at >= ?")
                 args.append(self._now() - self.idle_expiry_seconds)
+            where = "WHERE " + " AND ".join(conditions)
             rows = self._db.execute(
                 "SELECT s.id, s.system_prompt, s.defaults, s.created_at, s.updated_at, "
                 "s.dropped_messages, s.title, "
@@ -210,10 +241,22 @@ class SessionStore:
             (n,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
         return int(n)
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, owner: str | None = None) -> None:
+        mine, args = _owned(owner)
         with self._lock, self._transaction():
-            if not self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount:
+            deleted = self._db.execute(
+                f"DELETE FROM sessions WHERE id = ?{mine}", (session_id, *args)
+            )
+            if not deleted.rowcount:
                 raise NotFoundError(f"no session {session_id!r}")
+
+    def owns(self, session_id: str, owner: str) -> bool:
+        """The session exists and is `owner`'s."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+            ).fetchone()
+        return row is not None
 
     def commit_turn(
         self,
@@ -296,7 +339,9 @@ class SessionStore:
             with self._transaction():
                 return self._expire(now, room_for=0, keep=keep)
 
-    def _expire(self, now: float, room_for: int, keep: Collection[str]) -> builtins.list[str]:
+    def _expire(
+        self, now: float, room_for: int, keep: Collection[str], owner: str = ""
+    ) -> builtins.list[str]:
         ids = []
         if self.idle_expiry_seconds:
             ids += [
@@ -307,23 +352,42 @@ class SessionStore:
                 )
                 if r[0] not in keep
             ]
-        (count,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
-        surplus = count - len(ids) + room_for - self.max_sessions
-        if surplus > 0:  # the least recently used make room
-            skip = [*ids, *keep]
-            placeholders = ",".join("?" * len(skip))
-            ids += [
-                r[0]
-                for r in self._db.execute(
-                    f"SELECT id FROM sessions WHERE id NOT IN ({placeholders}) "
-                    "ORDER BY updated_at, id LIMIT ?",
-                    (*skip, surplus),
-                )
-            ]
+        if owner and self.max_per_owner:  # its own least recently used make room for it
+            ids += self._surplus("owner = ?", [owner], room_for - self.max_per_owner, ids, keep)
+        ids += self._surplus("1", [], room_for - self.max_sessions, ids, keep)
         self._db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
         if ids:
             log.info("removed %d idle or surplus sessions", len(ids))
         return ids
+
+    def _surplus(
+        self,
+        where: str,
+        args: builtins.list[Any],
+        over: int,
+        removing: builtins.list[str],
+        keep: Collection[str],
+    ) -> builtins.list[str]:
+        """The least recently used of the sessions `where` selects, as many as they are
+        (less those being removed) + `over` beyond 0; never one in `keep`."""
+        marks = ",".join("?" * len(removing))
+        (count,) = self._db.execute(
+            f"SELECT count(*) FROM sessions WHERE {where} AND id NOT IN ({marks})",
+            (*args, *removing),
+        ).fetchone()
+        surplus = count + over
+        if surplus <= 0:
+            return []
+        skip = [*removing, *keep]
+        marks = ",".join("?" * len(skip))
+        return [
+            r[0]
+            for r in self._db.execute(
+                f"SELECT id FROM sessions WHERE {where} AND id NOT IN ({marks}) "
+                "ORDER BY updated_at, id LIMIT ?",
+                (*args, *skip, surplus),
+            )
+        ]
 
     def _idle(self, updated_at: float, now: float) -> bool:
         idle = self.idle_expiry_seconds
@@ -426,6 +490,12 @@ def _title(question: str) -> str:
     if len(line) <= TITLE_CHARS:
         return line
     return line[:TITLE_CHARS].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
+
+
+def _owned(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (after a WHERE) and argument that keep a query to `owner`'s
+    sessions; none for None (the server's own reads)."""
+    return ("", ()) if owner is None else (" AND owner = ?", (owner,))
 
 
 def _session(row: tuple[Any, ...], messages: tuple[ChatMessage, ...], count: int) -> Session:

@@ -83,6 +83,12 @@ def job(name: str, max_tokens: int = 3, prompt: list[int] | None = None) -> Job:
     return Job(req, prompt or [1, 2, 3])
 
 
+def owned(name: str, owner: str) -> Job:
+    j = job(name)
+    j.owner = owner
+    return j
+
+
 def make_scheduler(
     engine: FakeEngine,
     tmp_path: Path,
@@ -137,6 +143,29 @@ def test_full_queue_refuses_at_once(engine_and_scheduler) -> None:
     scheduler.submit(job("w2"))
     with pytest.raises(QueueFullError, match="queue is full"):
         scheduler.submit(job("w3"))
+
+
+def test_one_client_cannot_fill_the_queue_for_all(tmp_path: Path) -> None:
+    """client_queue_depth: a named owner's requests beyond it are refused while others' (and
+    those of no owner, without tokens) still get in."""
+    engine = FakeEngine()
+    kv = KVStates(engine, 3, 1024, tmp_path / "kv", 0, 0)
+    scheduler = Scheduler(engine, kv, 1, 4, 256, client_queue_depth=2)
+    scheduler.start()
+    try:
+        scheduler.submit(job("running"))
+        engine.entered.wait(5)
+        for name in ("k1", "k2"):
+            scheduler.submit(owned(name, "kiosk"))
+        with pytest.raises(QueueFullError, match="2 of kiosk's requests are waiting"):
+            scheduler.check_room("kiosk")
+        with pytest.raises(QueueFullError, match="2 of kiosk's requests are waiting"):
+            scheduler.submit(owned("k3", "kiosk"))
+        scheduler.submit(owned("t1", "terminal"))
+        scheduler.submit(job("anonymous"))
+        assert scheduler.waiting == 4
+    finally:
+        shut(engine, scheduler)
 
 
 def test_job_cancelled_while_queued_never_reaches_the_engine(engine_and_scheduler) -> None:

@@ -279,3 +279,46 @@ def test_under_the_journal_a_made_token_is_not_shown(
     srv._show_made_token(srv.tokens.made)
     assert srv.tokens.made not in capsys.readouterr().out + caplog.text
     assert f"sudo cat {tmp_path / 'tokens'}" in caplog.text
+
+
+def test_a_session_is_its_creators_alone(guarded: Server) -> None:
+    """Another token's holder gets NOT_FOUND for it, whatever it asks, and lists only its own;
+    over HTTP (the page's API) the same."""
+    with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        stub = pb_grpc.EdgeLLMStub(channel)
+        kiosk, terminal = with_token(KIOSK), with_token(TERMINAL)
+        created = stub.CreateSession(pb.CreateSessionRequest(title="the kiosk's"), metadata=kiosk)
+        session_id = created.session.id
+        turn = pb.GenerateRequest(session_id=session_id, max_tokens=4)
+        turn.messages.add(role="user", content="Hi")
+        assert list(stub.Generate(turn, metadata=kiosk))[-1].finish_reason
+        attempts = {
+            "GetSession": lambda: stub.GetSession(
+                pb.GetSessionRequest(id=session_id), metadata=terminal
+            ),
+            "Generate": lambda: list(stub.Generate(turn, metadata=terminal)),
+            "UpdateSession": lambda: stub.UpdateSession(
+                pb.UpdateSessionRequest(id=session_id, title="mine"), metadata=terminal
+            ),
+            "DeleteSession": lambda: stub.DeleteSession(
+                pb.DeleteSessionRequest(id=session_id), metadata=terminal
+            ),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                attempt()
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, name
+        listed = stub.ListSessions(pb.ListSessionsRequest(page_size=100), metadata=terminal)
+        assert session_id not in {s.id for s in listed.sessions}
+        mine = stub.ListSessions(pb.ListSessionsRequest(page_size=100), metadata=kiosk)
+        assert session_id in {s.id for s in mine.sessions}
+        kept = stub.GetSession(pb.GetSessionRequest(id=session_id), metadata=kiosk).session
+        assert kept.title == "the kiosk's" and len(kept.messages) == 2
+
+    base = f"http://127.0.0.1:{guarded.http_port}/api/sessions"
+    as_terminal = {"Authorization": f"Bearer {TERMINAL}"}
+    assert httpx.get(f"{base}/{session_id}", headers=as_terminal).status_code == 404
+    listed_http = httpx.get(base, headers=as_terminal).json()["sessions"]
+    assert session_id not in {s["id"] for s in listed_http}
+    as_kiosk = {"Authorization": f"Bearer {KIOSK}"}
+    assert httpx.get(f"{base}/{session_id}", headers=as_kiosk).json()["title"] == "the kiosk's"

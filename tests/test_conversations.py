@@ -217,13 +217,13 @@ def test_idle_sessions_go_while_the_server_is_used(tmp_path: Path, monkeypatch) 
     conv = Conversations(store, CONTEXT, True, words, True, forgotten.append)
     idle = conv.create("", SamplingDefaults())
     busy = conv.create("", SamplingDefaults())
-    answering = conv.claim(busy.id)  # answering: never removed
+    answering = conv.claim(busy.id, "")  # answering: never removed
     clock.advance(3000)
     fresh = conv.create("", SamplingDefaults())  # nothing idle long enough yet
     assert forgotten == []
     clock.advance(700)  # idle: 3700 s; fresh: 700 s
     monkeypatch.setattr(module, "EXPIRE_EVERY", 0.0)
-    conv.release(conv.claim(fresh.id))  # a turn starting checks for idle sessions
+    conv.release(conv.claim(fresh.id, ""))  # a turn starting checks for idle sessions
     assert forgotten == [idle.id]
     conv.release(answering)
 

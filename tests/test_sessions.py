@@ -21,7 +21,7 @@ from test_health_reflection import grpcurl
 from edge_llm.decoding import Job
 from edge_llm.server import Server
 from edge_llm.sessions import SessionStore
-from edge_llm.types import ChatMessage, NotFoundError, SamplingDefaults
+from edge_llm.types import ChatMessage, NotFoundError, SamplingDefaults, SessionChanges
 from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
@@ -378,6 +378,50 @@ def test_store_retention(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         store.get(ids[1])
     assert store.expire(keep=set(ids)) == []
+
+
+def test_sessions_are_their_owners(tmp_path: Path) -> None:
+    """Another owner's session is not found, however it is asked for; a list shows one's own;
+    one owner's surplus removes its own least recently used, never another's."""
+    store = SessionStore(tmp_path / "s.sqlite3", 4, 0, max_per_owner=2)
+    theirs = store.create("", SamplingDefaults(), owner="terminal")[0].id
+    mine = [store.create("", SamplingDefaults(), owner="kiosk")[0].id for _ in range(2)]
+    assert store.get(theirs, "terminal").id == theirs and store.owns(theirs, "terminal")
+    with pytest.raises(NotFoundError):
+        store.get(theirs, "kiosk")
+    with pytest.raises(NotFoundError):
+        store.update(theirs, SessionChanges(title="mine now"), "kiosk")
+    with pytest.raises(NotFoundError):
+        store.delete(theirs, "kiosk")
+    assert not store.owns(theirs, "kiosk") and not store.owns(theirs, "")
+    assert {s.id for s in store.list(10, "", "kiosk")[0]} == set(mine)
+    assert [s.id for s in store.list(10, "", "terminal")[0]] == [theirs]
+    assert len(store.list(10, "")[0]) == 3  # the server's own view
+    _, removed = store.create("", SamplingDefaults(), owner="kiosk")
+    assert removed == [mine[0]]  # its own oldest, not the terminal's (older still)
+    _, removed = store.create("", SamplingDefaults(), keep={mine[1]}, owner="kiosk")
+    assert len(removed) == 1 and removed[0] not in (theirs, mine[1])  # answering: kept
+    assert store.get(theirs, "terminal").title == ""
+
+
+def test_a_store_from_before_owners_opens_with_its_sessions_nobodys(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)  # the schema before owners
+    db.execute(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, system_prompt TEXT NOT NULL, defaults TEXT "
+        "NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, dropped_messages INTEGER "
+        "NOT NULL DEFAULT 0, title TEXT NOT NULL DEFAULT '')"
+    )
+    kept = "0" * 32
+    db.execute("INSERT INTO sessions VALUES (?, '', '{}', 1, 1, 0, '')", (kept,))
+    db.commit()
+    db.close()
+    reopened = SessionStore(path, 10, 0)
+    assert reopened.get(kept, "").id == kept  # seen without tokens, as before
+    with pytest.raises(NotFoundError):
+        reopened.get(kept, "kiosk")
 
 
 def test_idle_sessions_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
