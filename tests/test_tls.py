@@ -210,7 +210,15 @@ def test_client_certificates_are_required_and_checked(tiny_model: Path, pki: Pki
     try:
         target = f"127.0.0.1:{srv.port}"
         with grpc.secure_channel(target, credentials(pki, "kiosk-1")) as channel:
-            assert pb_grpc.EdgeLLMStub(channel).GetInfo(pb.GetInfoRequest()).model.name
+            stub = pb_grpc.EdgeLLMStub(channel)
+            assert stub.GetInfo(pb.GetInfoRequest()).model.name
+            made = stub.CreateSession(pb.CreateSessionRequest(title="kiosk-1's")).session
+        # The certificate's subject names the caller: another certificate, another owner.
+        with grpc.secure_channel(target, credentials(pki, "kiosk-3")) as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+            with pytest.raises(grpc.RpcError) as hidden:
+                stub.GetSession(pb.GetSessionRequest(id=made.id))
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
         stranger = Pki(pki.dir, "a stranger's CA")
         for creds in (credentials(pki), credentials(stranger, "intruder")):
             with grpc.secure_channel(target, creds) as channel:
