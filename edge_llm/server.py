@@ -185,6 +185,8 @@ class Server:
 
     def reload(self) -> None:
         """SIGHUP: re-read the tokens and the TLS files."""
+        if self.tokens is None and self.tls is None:
+            log.info("SIGHUP: nothing to re-read (no auth_tokens, no TLS)")
         if self.tokens is not None:
             self.tokens.reload()
         if self.tls is not None:
