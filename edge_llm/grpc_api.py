@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from edge_llm import auth, checks, convert
 from edge_llm.appliance import Appliance
@@ -66,6 +67,44 @@ def _statuses(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.INTERNAL, f"could not process the request: {e}")
 
 
+_METHODS = pb.DESCRIPTOR.services_by_name["EdgeLLM"].methods_by_name
+
+
+def add_to_server(service: EdgeLLMService, server: grpc.Server) -> None:
+    """Register the servicer, its requests handed over as bytes: @_rpc parses them, so one
+    that does not parse (invalid UTF-8 in a string, a truncated field) is INVALID_ARGUMENT
+    with the reason, where grpc's own parsing would answer INTERNAL."""
+    handlers = {}
+    for name, method in _METHODS.items():
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[name] = make(getattr(service, name), response_serializer=_serialize)
+    service_name = pb.DESCRIPTOR.services_by_name["EdgeLLM"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _parsed(method: str, request: Any) -> Any:
+    """The request message (add_to_server hands over bytes; a test may pass a message)."""
+    if not isinstance(request, bytes):
+        return request
+    kind = getattr(pb, _METHODS[method].input_type.name)
+    try:
+        return kind.FromString(request)
+    except DecodeError as e:
+        raise RequestError(
+            f"the request is not a valid {kind.DESCRIPTOR.full_name} ({e}); is the client's "
+            "copy of edge_llm.proto this server's?"
+        ) from None
+
+
 def authenticate(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:
     """The caller: a token's name; else a verified client certificate's subject (mTLS)."""
     metadata = dict(context.invocation_metadata())
@@ -91,7 +130,7 @@ def _rpc(handler: Handler) -> Handler:
         def streaming(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
             with self.core.call(context.add_callback), _statuses(context):
                 self.caller(context)
-                yield from handler(self, request, context)
+                yield from handler(self, _parsed(handler.__name__, request), context)
 
         return streaming  # type: ignore[return-value]
 
@@ -99,7 +138,7 @@ def _rpc(handler: Handler) -> Handler:
     def unary(self: EdgeLLMService, request: Any, context: grpc.ServicerContext) -> Any:
         with self.core.call(context.add_callback), _statuses(context):
             self.caller(context)
-            return handler(self, request, context)
+            return handler(self, _parsed(handler.__name__, request), context)
 
     return unary  # type: ignore[return-value]
 

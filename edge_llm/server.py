@@ -34,7 +34,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from edge_llm import auth, backend, faults, hardware, logs, memory, models, sessions, tls
+from edge_llm import auth, backend, faults, grpc_api, hardware, logs, memory, models, sessions, tls
 from edge_llm.admission import Scheduler
 from edge_llm.appliance import TOKENIZERS, Appliance, Loaded
 from edge_llm.checks import Limits
@@ -48,7 +48,6 @@ from edge_llm.kvstates import KVStates
 from edge_llm.systemd import Notifier, Watchdog
 from edge_llm.types import GenerateRequest, ModelInfo, RuntimeInfo, Sampling
 from edge_llm.v1 import edge_llm_pb2 as pb
-from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class Server:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", self.limits.max_request_bytes)],
         )
-        pb_grpc.add_EdgeLLMServicer_to_server(self.service, server)
+        grpc_api.add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         tokens = None if self.config.public_reflection else self.tokens

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from google.protobuf.message import DecodeError
@@ -225,6 +226,37 @@ def test_random_http_bodies_get_4xx_never_500(
     event(f"HTTP {response.status_code}")
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
+
+
+GRPC_METHODS = st.sampled_from(
+    [(m.name, m.server_streaming) for m in pb.DESCRIPTOR.services_by_name["EdgeLLM"].methods]
+)
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(GRPC_METHODS, st.binary(max_size=64))
+def test_random_bytes_on_every_grpc_method_never_internal(
+    target: Server, method: tuple[str, bool], data: bytes
+) -> None:
+    """What a client with a broken encoder sends: a status that says so, never INTERNAL."""
+    name, streaming = method
+    with grpc.insecure_channel(f"127.0.0.1:{target.port}") as channel:
+        path = f"/edge_llm.v1.EdgeLLM/{name}"
+        raw = {"request_serializer": None, "response_deserializer": None}
+        call = channel.unary_stream(path, **raw) if streaming else channel.unary_unary(path, **raw)
+        try:
+            result = call(data, timeout=120)
+            if streaming:
+                list(result)
+            event(f"{name}: OK")
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.INTERNAL, (name, data, e.details())
+            assert e.details()
+            event(f"{name}: {e.code().name}")
 
 
 def test_after_the_http_fuzz_the_server_still_serves(target: Server) -> None:
