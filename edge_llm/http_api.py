@@ -4,6 +4,7 @@
     /api/...                                            its sessions API and WebSocket
     /v1/chat/completions, /v1/completions, /v1/models   the OpenAI-style API (openai_api.py)
     /health                                             200 serving, 503 otherwise
+    /openapi.json                                       this API's description (OpenAPI 3.1)
     /metrics                                            Prometheus text (metrics.py)
 
 The appliance is blocking (threads, locks, llama.cpp): admitting a request and reading each
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +38,10 @@ from edge_llm.http_base import STATUS, domain_error, error_status, http_error
 from edge_llm.openai_api import OpenAIRoutes
 from edge_llm.page_api import PageRoutes, page
 from edge_llm.types import UnauthenticatedError
+
+# The routes below and their bodies, for clients and for tests that fuzz from it: the API's
+# shape, no data, so it needs no token.
+OPENAPI = files("edge_llm").joinpath("openapi.json").read_bytes()
 
 
 class _Counted:
@@ -136,6 +142,9 @@ def build_app(
         ok = serving()
         return JSONResponse({"status": "serving" if ok else "not_serving"}, 200 if ok else 503)
 
+    async def openapi(request: Request) -> Response:
+        return Response(OPENAPI, media_type="application/json")
+
     async def metrics(request: Request) -> Response:
         return Response(await run_sync(core.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
@@ -148,6 +157,7 @@ def build_app(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             Mount("/v1", routes=OpenAIRoutes(core).routes()),
             Mount("/api", routes=PageRoutes(core).routes()),
             Mount("/", page()),  # last: the page's files answer every other path
