@@ -15,6 +15,7 @@ import base64
 import hmac
 import logging
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def read_tokens(path: Path) -> dict[str, bytes]:
         )
     tokens: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
+        words = re.sub(r"(^|\s)#.*", "", line).split()  # a comment: "#" after a space
         if not words:
             continue
         where = f"{path}, line {number}"
@@ -77,8 +78,6 @@ def read_tokens(path: Path) -> dict[str, bytes]:
         if token.encode() in tokens.values():
             raise AuthError(f"{where}: {name!r} has the same token as another name")
         tokens[name] = token.encode()
-    if not tokens:
-        raise AuthError(f"the token file {path} has no tokens; add a line: NAME TOKEN")
     return tokens
 
 
@@ -108,6 +107,8 @@ class Tokens:
         if not path.exists():
             self.made = make_token_file(path)
         self._tokens = read_tokens(path)
+        if not self._tokens:  # at start-up, surely a mistake; on a reload, revoking them all
+            raise AuthError(f"the token file {path} has no tokens; add a line: NAME TOKEN")
 
     @property
     def names(self) -> list[str]:
@@ -120,6 +121,9 @@ class Tokens:
             log.error("%s; keeping the %d tokens loaded before", e, len(self._tokens))
             return
         self._tokens = tokens  # one assignment: a call sees the old tokens or the new
+        if not tokens:
+            log.warning("tokens re-read from %s: none, so every call is refused", self.path)
+            return
         log.info("tokens re-read from %s: %s", self.path, ", ".join(sorted(tokens)))
 
     def caller(self, presented: str) -> Caller | None:

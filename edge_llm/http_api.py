@@ -89,7 +89,11 @@ class _Authenticated:
             headers = {"WWW-Authenticate": 'Bearer realm="edge-llm"'}
             await JSONResponse(body, status, headers)(scope, receive, send)
             return
-        scope.setdefault("state", {})["caller"] = caller
+        state = scope.setdefault("state", {})
+        state["caller"] = caller
+        if self.tokens is not None and protected:  # a socket outlives a reload: asked again
+            tokens = self.tokens
+            state["still_authorized"] = lambda: tokens.caller(presented) is not None
         await self.app(scope, receive, send)
 
 

@@ -48,6 +48,7 @@ from edge_llm.types import (
     SamplingDefaults,
     Session,
     SessionChanges,
+    UnauthenticatedError,
 )
 
 WEB_DIR = Path(str(files("edge_llm") / "web"))
@@ -213,6 +214,10 @@ class _ChatSocket:
         client = websocket.client
         self.peer = f"ws:{client.host}:{client.port}" if client else "ws"
         self.owner = owner(websocket)
+        # False once a reload (SIGHUP) removed the token the socket was opened with.
+        self.still_authorized = websocket.scope.get("state", {}).get(
+            "still_authorized", lambda: True
+        )
 
     async def run(self) -> None:
         try:
@@ -224,6 +229,15 @@ class _ChatSocket:
                         if self.running is not None:
                             self.running.cancel()
                     elif kind == "send":
+                        if not self.still_authorized():
+                            await self._error(
+                                UnauthenticatedError(
+                                    "this page's token was removed from the server's tokens; "
+                                    "reload the page and give a current one"
+                                )
+                            )
+                            await self.ws.close(code=1008)
+                            break
                         if self.busy:
                             await self._error(
                                 RequestError(

@@ -174,7 +174,11 @@ class Server:
                 self.tokens.path,
             )
             return
-        where = f"http://127.0.0.1:{self.http_port}/" if self._http else None
+        where = None
+        if self._http and (http := self.config.http_address):
+            host = "127.0.0.1" if http[0] in ("0.0.0.0", "::", "") else http[0]
+            host = f"[{host}]" if ":" in host else host
+            where = f"{'https' if self.tls else 'http'}://{host}:{self.http_port}/"
         lines = [
             f"edge-llm made a token, kept in {self.tokens.path} (name {auth.GENERATED_NAME!r}).",
             *([f"Open the chat page with it:  {where}#token={token}"] if where else []),

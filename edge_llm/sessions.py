@@ -352,39 +352,41 @@ class SessionStore:
                 )
                 if r[0] not in keep
             ]
+        # Each step's sessions go at once, so the next counts without naming them (idle ones
+        # may be thousands).
+        self._remove(ids)
         if owner and self.max_per_owner:  # its own least recently used make room for it
-            ids += self._surplus("owner = ?", [owner], room_for - self.max_per_owner, ids, keep)
-        ids += self._surplus("1", [], room_for - self.max_sessions, ids, keep)
-        self._db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
+            ids += self._remove(
+                self._surplus("owner = ?", [owner], room_for - self.max_per_owner, keep)
+            )
+        # All together too many: the least recently used of the owner with the most.
+        ids += self._remove(self._surplus("1", [], room_for - self.max_sessions, keep))
         if ids:
             log.info("removed %d idle or surplus sessions", len(ids))
         return ids
 
+    def _remove(self, ids: builtins.list[str]) -> builtins.list[str]:
+        self._db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
+        return ids
+
     def _surplus(
-        self,
-        where: str,
-        args: builtins.list[Any],
-        over: int,
-        removing: builtins.list[str],
-        keep: Collection[str],
+        self, where: str, args: builtins.list[Any], over: int, keep: Collection[str]
     ) -> builtins.list[str]:
-        """The least recently used of the sessions `where` selects, as many as they are
-        (less those being removed) + `over` beyond 0; never one in `keep`."""
-        marks = ",".join("?" * len(removing))
-        (count,) = self._db.execute(
-            f"SELECT count(*) FROM sessions WHERE {where} AND id NOT IN ({marks})",
-            (*args, *removing),
-        ).fetchone()
+        """The count + `over` (room wanted, less the limit) sessions that must go of those
+        `where` selects, never one in `keep` (answering now): the least recently used of the
+        owner with the most."""
+        (count,) = self._db.execute(f"SELECT count(*) FROM sessions WHERE {where}", args).fetchone()
         surplus = count + over
         if surplus <= 0:
             return []
-        skip = [*removing, *keep]
+        skip = builtins.list(keep)
         marks = ",".join("?" * len(skip))
         return [
             r[0]
             for r in self._db.execute(
-                f"SELECT id FROM sessions WHERE {where} AND id NOT IN ({marks}) "
-                "ORDER BY updated_at, id LIMIT ?",
+                f"SELECT id FROM sessions s WHERE {where} AND id NOT IN ({marks}) ORDER BY "
+                "(SELECT count(*) FROM sessions o WHERE o.owner = s.owner) DESC, updated_at, id "
+                "LIMIT ?",
                 (*args, *skip, surplus),
             )
         ]

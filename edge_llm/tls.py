@@ -50,12 +50,20 @@ class Tls:
         f = self.files
         cert, key = _pem(f.cert, "certificate"), _pem(f.key, "key")
         ca = _pem(f.client_ca, "client CA") if f.client_ca else None
-        try:  # what grpc would only find at the first handshake: a key that is not the cert's
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(f.cert, f.key)
+        # What grpc would only find at the first handshake: a key that is not the certificate's,
+        # a CA file that does not parse.
+        probe = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            probe.load_cert_chain(f.cert, f.key)
         except ssl.SSLError as e:
             raise TlsError(
                 f"the TLS key {f.key} does not fit {f.cert}, or is invalid: {e}"
             ) from None
+        if f.client_ca:
+            try:
+                probe.load_verify_locations(f.client_ca)
+            except ssl.SSLError as e:
+                raise TlsError(f"the TLS client CA {f.client_ca} is not valid: {e}") from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def grpc_credentials(self) -> grpc.ServerCredentials:

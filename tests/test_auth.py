@@ -5,6 +5,7 @@ its file is missing."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import ServeProcess, make_config, start_server
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from edge_llm import auth, logs
@@ -64,9 +65,13 @@ def test_a_malformed_token_file_says_where(tmp_path: Path, text: str, error: str
 
 
 def test_tokens_name_their_caller(tmp_path: Path) -> None:
-    path = token_file(tmp_path / "tokens", f"# the shop\nkiosk {KIOSK}  # by the door\n")
+    hashed = "till-#-0123456789abcdef"  # "#" inside a token is the token's
+    path = token_file(
+        tmp_path / "tokens", f"# the shop\nkiosk {KIOSK}  # by the door\ntill {hashed}\n"
+    )
     tokens = auth.Tokens(path)
     assert tokens.caller(KIOSK) == auth.Caller("kiosk")
+    assert tokens.caller(hashed) == auth.Caller("till")
     assert tokens.caller(KIOSK + "x") is None and tokens.caller("") is None
     with pytest.raises(auth.UnauthenticatedError, match="needs a token"):
         auth.check(tokens, "")
@@ -84,6 +89,9 @@ def test_reload_keeps_the_old_tokens_when_the_file_goes_bad(tmp_path: Path) -> N
     path.chmod(0o640)
     tokens.reload()  # logged, not raised
     assert tokens.caller(TERMINAL)
+    token_file(path, "# everyone's access taken back\n")
+    tokens.reload()  # a file emptied of tokens revokes them all
+    assert not tokens.caller(TERMINAL)
 
 
 def test_a_missing_token_file_is_made_readable_by_its_owner_only(tmp_path: Path) -> None:
@@ -322,3 +330,26 @@ def test_a_session_is_its_creators_alone(guarded: Server) -> None:
     assert session_id not in {s["id"] for s in listed_http}
     as_kiosk = {"Authorization": f"Bearer {KIOSK}"}
     assert httpx.get(f"{base}/{session_id}", headers=as_kiosk).json()["title"] == "the kiosk's"
+
+
+def test_a_page_whose_token_is_removed_is_refused_at_its_next_message(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    path = token_file(tmp_path / "tokens", f"kiosk {KIOSK}\nterminal {TERMINAL}\n")
+    srv = start_server(tiny_model, auth_tokens=str(path))
+    try:
+        url = f"ws://127.0.0.1:{srv.http_port}/api/chat"
+        origin = {"Origin": f"http://127.0.0.1:{srv.http_port}"}
+        offered = base64.urlsafe_b64encode(KIOSK.encode()).decode().rstrip("=")
+        protocols = ["edge-llm", f"bearer.{offered}"]
+        with connect(url, additional_headers=origin, subprotocols=protocols) as ws:  # type: ignore[arg-type]
+            token_file(path, f"terminal {TERMINAL}\n")
+            srv.reload()  # what SIGHUP does
+            ws.send('{"type": "send", "session_id": "' + "0" * 32 + '", "content": "Hi"}')
+            refused = json.loads(ws.recv(timeout=60))
+            assert refused["type"] == "error" and "token was removed" in refused["message"]
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=60)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    finally:
+        srv.stop(drain=0)

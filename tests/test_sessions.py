@@ -404,6 +404,15 @@ def test_sessions_are_their_owners(tmp_path: Path) -> None:
     assert store.get(theirs, "terminal").title == ""
 
 
+def test_when_all_together_are_too_many_the_biggest_owner_gives_way(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "s.sqlite3", 4, 0, max_per_owner=3)
+    small = store.create("", SamplingDefaults(), owner="terminal")[0].id  # the oldest of all
+    big = [store.create("", SamplingDefaults(), owner="kiosk")[0].id for _ in range(3)]
+    _, removed = store.create("", SamplingDefaults(), owner="terminal")
+    assert removed == [big[0]]  # the kiosk's least recently used, not the older terminal's
+    assert store.owns(small, "terminal")
+
+
 def test_a_store_from_before_owners_opens_with_its_sessions_nobodys(tmp_path: Path) -> None:
     import sqlite3
 

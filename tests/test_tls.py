@@ -116,6 +116,10 @@ def auth() -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {TOKEN}"),)
 
 
+def auth_header() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
 def credentials(pki: Pki, client: str | None = None) -> grpc.ChannelCredentials:
     cert = key = None
     if client:
@@ -141,9 +145,13 @@ def test_tls_settings_go_together() -> None:
         load_config({"tls_cert": "/c.pem"}, env={})
     with pytest.raises(ConfigError, match=r"tls_client_ca \(mTLS\) needs tls_cert"):
         load_config({"tls_client_ca": "/ca.pem"}, env={})
-    # Client certificates are an authentication of their own: no tokens needed.
+    # Client certificates are an authentication of their own: no tokens needed, on gRPC.
     config = {"host": "0.0.0.0", "tls_cert": "/c", "tls_key": "/k", "tls_client_ca": "/ca"}
-    assert load_config(config, env={}).exposed
+    assert load_config({**config, "http_listen": ""}, env={}).exposed
+    # The HTTP side cannot tell certificates apart yet: every client would share sessions.
+    with pytest.raises(ConfigError, match="name callers on gRPC only"):
+        load_config(config, env={})
+    assert load_config({**config, "auth_tokens": "/t"}, env={}).exposed
 
 
 def test_unusable_tls_files_are_refused_with_their_name(pki: Pki, tmp_path: Path) -> None:
@@ -204,9 +212,12 @@ def test_grpcurl_as_the_readme_shows(secured: Server, pki: Pki) -> None:
     assert "edge_llm.v1.EdgeLLM" in listed.stdout
 
 
-def test_client_certificates_are_required_and_checked(tiny_model: Path, pki: Pki) -> None:
+def test_client_certificates_are_required_and_checked(
+    tiny_model: Path, pki: Pki, tokens: Path
+) -> None:
     cert, key = pki.issue("server-m", server=True)
-    srv = start_server(tiny_model, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(pki.ca))
+    tls_files = {"tls_cert": str(cert), "tls_key": str(key), "tls_client_ca": str(pki.ca)}
+    srv = start_server(tiny_model, http_listen="", **tls_files)
     try:
         target = f"127.0.0.1:{srv.port}"
         with grpc.secure_channel(target, credentials(pki, "kiosk-1")) as channel:
@@ -228,13 +239,19 @@ def test_client_certificates_are_required_and_checked(tiny_model: Path, pki: Pki
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
+    finally:
+        srv.stop(drain=0)
+    # With HTTP on, tokens too: a connection needs the certificate, a call the token as well.
+    srv = start_server(tiny_model, auth_tokens=str(tokens), **tls_files)
+    try:
         client_cert, client_key = pki.issue("kiosk-2")
         https = f"https://127.0.0.1:{srv.http_port}/api/info"
         context = ssl.create_default_context(cafile=str(pki.ca))
         with pytest.raises(httpx.HTTPError):
-            httpx.get(https, verify=context, timeout=10)
+            httpx.get(https, verify=context, headers=auth_header(), timeout=10)
         context.load_cert_chain(client_cert, client_key)
-        assert httpx.get(https, verify=context, timeout=30).status_code == 200
+        assert httpx.get(https, verify=context, timeout=30).status_code == 401
+        assert httpx.get(https, verify=context, headers=auth_header(), timeout=30).is_success
     finally:
         srv.stop(drain=0)
 

@@ -19,7 +19,11 @@ export class ApiError extends Error {
 const TOKEN_KEY = 'edge-llm-token';
 const fromUrl = /^#token=(.+)$/.exec(location.hash)?.[1];
 if (fromUrl) {
-  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(fromUrl));
+  try {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(fromUrl));
+  } catch {
+    // A mangled address (a cut-off %-escape): the page asks for the token instead.
+  }
   history.replaceState(null, '', location.pathname + location.search);
 }
 
