@@ -51,6 +51,17 @@ PROMPTS = [
 ]
 
 
+# How an exchange ended: its outcome, whether that is as it should be, its first token's time.
+Outcome = tuple[str, bool, float | None]
+
+
+def ask(n: int, max_tokens: int, session_id: str = "") -> pb.GenerateRequest:
+    """The n-th client request: one of PROMPTS."""
+    request = pb.GenerateRequest(max_tokens=max_tokens, session_id=session_id)
+    request.messages.add(role="user", content=PROMPTS[n % len(PROMPTS)])
+    return request
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,68 +136,62 @@ class Soak:
 
     # --- the clients --------------------------------------------------------------------
 
-    def grpc_stream(self, stub: pb_grpc.EdgeLLMStub, n: int) -> None:
-        request = pb.GenerateRequest(max_tokens=48)
-        request.messages.add(role="user", content=PROMPTS[n % len(PROMPTS)])
-        t0, first, last = time.monotonic(), None, None
+    def _grpc(self, kind: str, exchange: Callable[[], Outcome], *expected: grpc.StatusCode) -> None:
+        """Record how a gRPC exchange ended: its own outcome, or a status, which is fine if
+        `expected` (a full queue always is)."""
         try:
-            for message in stub.Generate(request, metadata=self.metadata("grpc"), timeout=300):
+            outcome, ok, ttft = exchange()
+        except grpc.RpcError as e:
+            code = e.code()
+            self.record(kind, code.name, code in (*expected, grpc.StatusCode.RESOURCE_EXHAUSTED))
+            return
+        self.record(kind, outcome, ok, ttft)
+
+    def grpc_stream(self, stub: pb_grpc.EdgeLLMStub, n: int) -> None:
+        def exchange() -> Outcome:
+            t0, first, last = time.monotonic(), None, None
+            for message in stub.Generate(ask(n, 48), metadata=self.metadata("grpc"), timeout=300):
                 if first is None and message.text:
                     first = time.monotonic() - t0
                 last = message
-        except grpc.RpcError as e:
-            code = e.code()
-            self.record("grpc stream", code.name, code == grpc.StatusCode.RESOURCE_EXHAUSTED)
-            return
-        ended = last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-        self.record("grpc stream", "finished" if ended else "no last message", ended, first)
+            ended = last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            return ("finished" if ended else "no last message"), ended, first
+
+        self._grpc("grpc stream", exchange)
 
     def grpc_cancel(self, stub: pb_grpc.EdgeLLMStub, n: int) -> None:
-        request = pb.GenerateRequest(max_tokens=200)
-        request.messages.add(role="user", content=PROMPTS[n % len(PROMPTS)])
-        call = stub.Generate(request, metadata=self.metadata("cancel"), timeout=300)
-        try:
+        def exchange() -> Outcome:
+            call = stub.Generate(ask(n, 200), metadata=self.metadata("cancel"), timeout=300)
             next(call)
             call.cancel()
             for _ in call:
                 pass
-        except grpc.RpcError as e:
-            code = e.code()
-            expected = (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            self.record("grpc cancel", code.name, code in expected)
-            return
-        self.record("grpc cancel", "finished before the cancel", True)
+            return "finished before the cancel", True, None
+
+        self._grpc("grpc cancel", exchange, grpc.StatusCode.CANCELLED)
 
     def grpc_deadline(self, stub: pb_grpc.EdgeLLMStub, n: int) -> None:
-        request = pb.GenerateRequest(max_tokens=400)
-        request.messages.add(role="user", content=PROMPTS[n % len(PROMPTS)])
-        try:
-            for _ in stub.Generate(request, metadata=self.metadata("deadline"), timeout=1.0):
+        def exchange() -> Outcome:
+            for _ in stub.Generate(ask(n, 400), metadata=self.metadata("deadline"), timeout=1.0):
                 pass
-        except grpc.RpcError as e:
-            code = e.code()
-            expected = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            self.record("grpc deadline", code.name, code in expected)
-            return
-        self.record("grpc deadline", "finished in time", True)
+            return "finished in time", True, None
+
+        self._grpc("grpc deadline", exchange, grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def session_turns(self, stub: pb_grpc.EdgeLLMStub, n: int) -> None:
         meta = self.metadata("sessions")
-        try:
+
+        def exchange() -> Outcome:
             session = stub.CreateSession(pb.CreateSessionRequest(), metadata=meta).session
             for turn in range(2):
-                request = pb.GenerateRequest(session_id=session.id, max_tokens=32)
-                request.messages.add(role="user", content=PROMPTS[(n + turn) % len(PROMPTS)])
+                request = ask(n + turn, 32, session.id)
                 *_, last = stub.Generate(request, metadata=meta, timeout=300)
                 if last.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-                    self.record("session", "no last message", False)
-                    return
+                    return "no last message", False, None
             stub.DeleteSession(pb.DeleteSessionRequest(id=session.id), metadata=meta)
-        except grpc.RpcError as e:
-            code = e.code()
-            self.record("session", code.name, code == grpc.StatusCode.RESOURCE_EXHAUSTED)
-            return
-        self.record("session", "two turns, deleted", True)
+            return "two turns, deleted", True, None
+
+        self._grpc("session", exchange)
 
     def http_sse(self, http: httpx.Client, n: int) -> None:
         body = {

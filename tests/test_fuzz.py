@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from helpers import start_server
 from hypothesis import HealthCheck, event, given, settings
@@ -56,21 +57,15 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
     if not msg.prompt or draw(st.integers(0, 9)) == 0:  # both: seldom
         for role, content in draw(st.lists(st.tuples(ROLES, TEXT), max_size=4)):
             msg.messages.add(role=role, content=content)
-    for name in ("max_tokens", "top_k"):
-        if draw(st.booleans()):
-            setattr(msg, name, draw(INT32))
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "repeat_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
-        if draw(st.booleans()):
-            setattr(msg, name, draw(FLOATS))
-    if draw(st.booleans()):
-        msg.seed = draw(st.integers(0, 2**32 - 1))
+    # Every optional number the .proto has, so a field added there is fuzzed too.
+    kinds = {
+        FieldDescriptor.TYPE_INT32: INT32,
+        FieldDescriptor.TYPE_UINT32: st.integers(0, 2**32 - 1),
+        FieldDescriptor.TYPE_FLOAT: FLOATS,
+    }
+    for field in pb.GenerateRequest.DESCRIPTOR.fields:
+        if field.type in kinds and field.has_presence and draw(st.booleans()):
+            setattr(msg, field.name, draw(kinds[field.type]))
     msg.stop.extend(draw(st.lists(TEXT, max_size=3)))
     msg.ignore_eos = draw(st.booleans())
     msg.session_id = draw(st.sampled_from(["", "0" * 32]) | TEXT)
