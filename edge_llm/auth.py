@@ -155,6 +155,14 @@ def check(tokens: Tokens | None, presented: str) -> Caller:
     return caller
 
 
+def identify(tokens: Tokens | None, presented: str, certificate_subject: str | None) -> Caller:
+    """The caller: a token's name; else a verified client certificate's subject (mTLS)."""
+    caller = check(tokens, presented)
+    if caller == ANONYMOUS and certificate_subject:
+        return Caller(certificate_subject)
+    return caller
+
+
 def bearer(header: str | None) -> str:
     """The token of an `Authorization: Bearer <token>` value ("" if there is none)."""
     scheme, _, token = (header or "").strip().partition(" ")

@@ -129,12 +129,6 @@ class Config:
             raise ConfigError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
-        if self.tls_client_ca and not self.auth_tokens and self.http_listen:
-            raise ConfigError(
-                "client certificates without tokens name callers on gRPC only: the HTTP side "
-                "cannot tell them apart yet, so every HTTP client would share every session; "
-                'add auth_tokens, or turn HTTP off (--http-listen "")'
-            )
         exposed = self.exposed
         if exposed and not (self.auth_tokens or self.tls_client_ca) and not self.insecure:
             raise ConfigError(

@@ -108,11 +108,10 @@ def _parsed(method: str, request: Any) -> Any:
 def authenticate(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:
     """The caller: a token's name; else a verified client certificate's subject (mTLS)."""
     metadata = dict(context.invocation_metadata())
-    caller = auth.check(tokens, auth.bearer(metadata.get("authorization")))
     subject = context.auth_context().get("x509_subject")
-    if caller == auth.ANONYMOUS and subject:
-        return auth.Caller(subject[0].decode())
-    return caller
+    return auth.identify(
+        tokens, auth.bearer(metadata.get("authorization")), subject[0].decode() if subject else None
+    )
 
 
 def authenticated(tokens: auth.Tokens | None, context: grpc.ServicerContext) -> auth.Caller:

@@ -62,7 +62,8 @@ class _Counted:
 class _Authenticated:
     """ASGI middleware: the API, the page's sessions and WebSocket, and /metrics need a token
     (`Authorization: Bearer`; a page's WebSocket offers it as a subprotocol, auth.ws_token);
-    /health and the page's own files (no data in them) do not. The caller goes in the scope's
+    /health and the page's own files (no data in them) do not. Without tokens a client
+    certificate names the caller (mTLS; the ASGI TLS extension). The caller goes in the scope's
     state, for the routes."""
 
     PROTECTED = ("/v1/", "/api/", "/metrics")
@@ -80,7 +81,10 @@ class _Authenticated:
         else:
             presented = auth.bearer(Headers(scope=scope).get("authorization"))
         try:
-            caller = auth.check(self.tokens if protected else None, presented)
+            tls = (scope.get("extensions") or {}).get("tls") or {}
+            caller = auth.identify(
+                self.tokens if protected else None, presented, tls.get("client_cert_name")
+            )
         except UnauthenticatedError as e:
             if scope["type"] == "websocket":
                 await WebSocket(scope, receive, send).close(code=1008)  # a 403 to the handshake

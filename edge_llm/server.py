@@ -17,7 +17,6 @@ import logging
 import platform
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -193,7 +192,7 @@ class Server:
         if self.tokens is not None:
             self.tokens.reload()
         if self.tls is not None:
-            self.tls.reload(self._http.ssl if self._http else None)
+            self.tls.reload()
 
     def load(self) -> None:
         """Load the model, warm it up, start taking requests; health turns SERVING."""
@@ -497,14 +496,11 @@ class _HttpServer:
             log_config=None,  # our logging, set up by the CLI
             access_log=False,
             lifespan="off",
-            ws="websockets-sansio",
             ws_max_size=1024 * 1024,
             timeout_graceful_shutdown=int(_FLUSH_SECONDS),
             server_header=False,
-            **(secure.http_options() if secure else {}),
+            **{"ws": "websockets-sansio", **(secure.http_options() if secure else {})},
         )
-        config.load()  # here, not in serve(): its SSLContext is the one SIGHUP reloads
-        self.ssl: ssl.SSLContext | None = config.ssl
         self._server = uvicorn.Server(config)
         # Its start and stop lines repeat ours, under the name "uvicorn.error": keep its
         # warnings and errors only.

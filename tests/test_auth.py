@@ -19,7 +19,7 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import ServeProcess, make_config, start_server
+from helpers import Hold, ServeProcess, make_config, start_server, submissions
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -352,4 +352,64 @@ def test_a_page_whose_token_is_removed_is_refused_at_its_next_message(
                 ws.recv(timeout=60)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     finally:
+        srv.stop(drain=0)
+
+
+def test_one_client_cannot_evict_or_starve_the_others(tiny_model: Path, tmp_path: Path) -> None:
+    tokens = token_file(tmp_path / "tokens", f"kiosk {KIOSK}\nterminal {TERMINAL}\n")
+    srv = start_server(
+        tiny_model, auth_tokens=str(tokens), parallel=1, client_max_sessions=2,
+        client_queue_depth=1,
+    )  # fmt: skip
+    kiosk, terminal = with_token(KIOSK), with_token(TERMINAL)
+    calls: list[grpc.Call] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.EdgeLLMStub(channel)
+
+            def create(title: str, who: tuple[tuple[str, str], ...]) -> pb.Session:
+                return stub.CreateSession(
+                    pb.CreateSessionRequest(title=title), metadata=who
+                ).session
+
+            theirs = create("the terminal's", terminal)
+            mine = [create(f"the kiosk's {n}", kiosk) for n in range(3)]
+            # The kiosk's third session made room by removing its own oldest, not another's.
+            with pytest.raises(grpc.RpcError) as gone:
+                stub.GetSession(pb.GetSessionRequest(id=mine[0].id), metadata=kiosk)
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+            assert stub.GetSession(pb.GetSessionRequest(id=theirs.id), metadata=terminal)
+            listed = stub.ListSessions(pb.ListSessionsRequest(page_size=10), metadata=kiosk)
+            assert {s.id for s in listed.sessions} == {mine[1].id, mine[2].id}
+
+            # One request runs (held at its first step), then each client may queue one.
+            scheduler = srv.core.loaded.scheduler
+            hold = Hold(scheduler, lambda job: job.owner == "kiosk")
+            request = pb.GenerateRequest(max_tokens=8)
+            request.messages.add(role="user", content="Hi")
+            calls.append(stub.Generate(request, metadata=kiosk))
+            assert hold.reached.wait(60)
+            queued = submissions(scheduler, 2)
+            calls.append(stub.Generate(request, metadata=kiosk))
+            calls.append(stub.Generate(request, metadata=terminal))
+            assert queued.wait(60)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.Generate(request, metadata=kiosk))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "1 of kiosk's requests are waiting" in (refused.value.details() or "")
+            over_http = httpx.post(
+                f"http://127.0.0.1:{srv.http_port}/v1/chat/completions",
+                json={"model": "any", "messages": [{"role": "user", "content": "Hi"}]},
+                headers={"Authorization": f"Bearer {KIOSK}"},
+                timeout=60,
+            )
+            assert over_http.status_code == 429
+            assert over_http.json()["error"]["code"] == "queue_full"
+            hold.release()
+            for call in calls:  # all three were taken, and answer
+                *_, last = call  # type: ignore[misc]
+                assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    finally:
+        for call in calls:
+            call.cancel()
         srv.stop(drain=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import signal
 import socket
 import ssl
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from helpers import ServeProcess, start_server
 from test_health_reflection import grpcurl
+from websockets.sync.client import connect as ws_connect
 
 from edge_llm import tls
 from edge_llm.config import ConfigError, load_config
@@ -65,12 +67,14 @@ class Pki:
         path.write_bytes(data)
         return path
 
-    def issue(self, common_name: str, server: bool = False) -> tuple[Path, Path]:
+    def issue(
+        self, common_name: str, server: bool = False, organization: str = "edge-llm tests"
+    ) -> tuple[Path, Path]:
         """(certificate, key) for a server on 127.0.0.1/localhost, or a client."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name(
             [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge-llm tests"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
                 x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]
         )
@@ -120,11 +124,10 @@ def auth_header() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def credentials(pki: Pki, client: str | None = None) -> grpc.ChannelCredentials:
-    cert = key = None
-    if client:
-        cert_path, key_path = pki.issue(client)
-        cert, key = cert_path.read_bytes(), key_path.read_bytes()
+def credentials(pki: Pki, client: tuple[Path, Path] | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials that check the server against pki's CA, with a client's
+    (certificate, key) if given."""
+    cert, key = (client[0].read_bytes(), client[1].read_bytes()) if client else (None, None)
     return grpc.ssl_channel_credentials(pki.ca.read_bytes(), key, cert)
 
 
@@ -145,13 +148,32 @@ def test_tls_settings_go_together() -> None:
         load_config({"tls_cert": "/c.pem"}, env={})
     with pytest.raises(ConfigError, match=r"tls_client_ca \(mTLS\) needs tls_cert"):
         load_config({"tls_client_ca": "/ca.pem"}, env={})
-    # Client certificates are an authentication of their own: no tokens needed, on gRPC.
+    # Client certificates are an authentication of their own: no tokens needed.
     config = {"host": "0.0.0.0", "tls_cert": "/c", "tls_key": "/k", "tls_client_ca": "/ca"}
-    assert load_config({**config, "http_listen": ""}, env={}).exposed
-    # The HTTP side cannot tell certificates apart yet: every client would share sessions.
-    with pytest.raises(ConfigError, match="name callers on gRPC only"):
-        load_config(config, env={})
-    assert load_config({**config, "auth_tokens": "/t"}, env={}).exposed
+    assert load_config({**config, "http_listen": "0.0.0.0:8080"}, env={}).exposed
+
+
+def test_a_certificate_subject_is_spelled_as_grpc_spells_it() -> None:
+    # What grpc's auth context gave as x509_subject for these subjects (cryptography-made
+    # certificates, read back by ssl's getpeercert); tests below compare the two live.
+    seen = {
+        (
+            (("countryName", "DE"),),
+            (("organizationName", 'Doe, Jane+Co <x>;"q"\\'),),
+            (("organizationalUnitName", "ou1"),),
+            (("organizationalUnitName", "ou2"),),
+            (("commonName", " #h\u00e9llo w\u00f6rld= "),),
+        ): r"CN=\ #h\C3\A9llo w\C3\B6rld=\ ,OU=ou2,OU=ou1,O=Doe\, Jane\+Co \<x\>\;\"q\"\\,C=DE",
+        (
+            (("commonName", "a"), ("userId", "u1")),
+            (("emailAddress", "a@b.c"),),
+            (("serialNumber", "123"),),
+            (("domainComponent", "example"),),
+        ): "DC=example,serialNumber=123,emailAddress=a@b.c,UID=u1+CN=a",
+        ((("commonName", "tab\there\x01"),),): r"CN=tab\09here\01",
+    }
+    for subject, spelled in seen.items():
+        assert tls.subject({"subject": subject}) == spelled
 
 
 def test_unusable_tls_files_are_refused_with_their_name(pki: Pki, tmp_path: Path) -> None:
@@ -212,48 +234,130 @@ def test_grpcurl_as_the_readme_shows(secured: Server, pki: Pki) -> None:
     assert "edge_llm.v1.EdgeLLM" in listed.stdout
 
 
-def test_client_certificates_are_required_and_checked(
-    tiny_model: Path, pki: Pki, tokens: Path
+def test_client_certificates_are_required_and_name_the_caller_on_both_ports(
+    tiny_model: Path, pki: Pki, tokens: Path, tmp_path: Path
 ) -> None:
     cert, key = pki.issue("server-m", server=True)
     tls_files = {"tls_cert": str(cert), "tls_key": str(key), "tls_client_ca": str(pki.ca)}
-    srv = start_server(tiny_model, http_listen="", **tls_files)
+    srv = start_server(tiny_model, **tls_files)
     try:
         target = f"127.0.0.1:{srv.port}"
-        with grpc.secure_channel(target, credentials(pki, "kiosk-1")) as channel:
+        # A subject with characters RFC 2253 escapes: each port must spell it the same way.
+        kiosk = pki.issue("kiösk-1", organization="Doe, Jane+Co <shop>")
+        with grpc.secure_channel(target, credentials(pki, kiosk)) as channel:
             stub = pb_grpc.EdgeLLMStub(channel)
             assert stub.GetInfo(pb.GetInfoRequest()).model.name
             made = stub.CreateSession(pb.CreateSessionRequest(title="kiosk-1's")).session
         # The certificate's subject names the caller: another certificate, another owner.
-        with grpc.secure_channel(target, credentials(pki, "kiosk-3")) as channel:
+        other = pki.issue("kiosk-3")
+        with grpc.secure_channel(target, credentials(pki, other)) as channel:
             stub = pb_grpc.EdgeLLMStub(channel)
             with pytest.raises(grpc.RpcError) as hidden:
                 stub.GetSession(pb.GetSessionRequest(id=made.id))
             assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
-        stranger = Pki(pki.dir, "a stranger's CA")
-        for creds in (credentials(pki), credentials(stranger, "intruder")):
-            with grpc.secure_channel(target, creds) as channel:
-                with pytest.raises(grpc.RpcError) as refused:
-                    pb_grpc.EdgeLLMStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
-                assert refused.value.code() in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                )
+        sessions = f"https://127.0.0.1:{srv.http_port}/api/sessions"
+        with httpx.Client(verify=client_context(pki, kiosk), timeout=30) as http:
+            assert made.id in {s["id"] for s in http.get(sessions).json()["sessions"]}
+            assert http.get(f"{sessions}/{made.id}").json()["title"] == "kiosk-1's"
+        with httpx.Client(verify=client_context(pki, other), timeout=30) as http:
+            assert made.id not in {s["id"] for s in http.get(sessions).json()["sessions"]}
+            assert http.get(f"{sessions}/{made.id}").status_code == 404
+        # The page's WebSocket: the certificate names its caller too.
+        for client, answer in ((other, "error"), (kiosk, "done")):
+            url = f"wss://127.0.0.1:{srv.http_port}/api/chat"
+            with ws_connect(
+                url,
+                ssl=client_context(pki, client),
+                subprotocols=["edge-llm"],  # type: ignore[list-item]
+                additional_headers={"Origin": f"https://127.0.0.1:{srv.http_port}"},
+            ) as ws:
+                turn = {"type": "send", "session_id": made.id, "content": "Hi", "max_tokens": 2}
+                ws.send(json.dumps(turn))
+                while (frame := json.loads(ws.recv(timeout=120)))["type"] in ("start", "delta"):
+                    pass
+                assert frame["type"] == answer, frame
+                assert answer == "done" or frame["status"] == 404
+        # The CLI with a client certificate (and the CA to check the server's).
+        generated = subprocess.run(
+            [sys.executable, "-m", "edge_llm", "generate", "Hi", "--max-tokens", "4",
+             "--address", target, "--tls-ca", str(pki.ca), "--tls-cert", str(kiosk[0]),
+             "--tls-key", str(kiosk[1])],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert generated.returncode == 0, generated.stderr
+        assert_refused(srv, pki, [None, Pki(tmp_path, "a stranger's CA").issue("intruder")])
     finally:
         srv.stop(drain=0)
-    # With HTTP on, tokens too: a connection needs the certificate, a call the token as well.
+    # With tokens as well: a connection needs the certificate, a call the token as well.
     srv = start_server(tiny_model, auth_tokens=str(tokens), **tls_files)
     try:
-        client_cert, client_key = pki.issue("kiosk-2")
         https = f"https://127.0.0.1:{srv.http_port}/api/info"
-        context = ssl.create_default_context(cafile=str(pki.ca))
         with pytest.raises(httpx.HTTPError):
-            httpx.get(https, verify=context, headers=auth_header(), timeout=10)
-        context.load_cert_chain(client_cert, client_key)
-        assert httpx.get(https, verify=context, timeout=30).status_code == 401
-        assert httpx.get(https, verify=context, headers=auth_header(), timeout=30).is_success
+            httpx.get(https, verify=client_context(pki), headers=auth_header(), timeout=10)
+        with httpx.Client(verify=client_context(pki, pki.issue("kiosk-2")), timeout=30) as http:
+            assert http.get(https).status_code == 401
+            assert http.get(https, headers=auth_header()).is_success
     finally:
         srv.stop(drain=0)
+
+
+def client_context(pki: Pki, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client:
+        context.load_cert_chain(*client)
+    return context
+
+
+def assert_refused(
+    srv: Server | ServeProcess, pki: Pki, clients: list[tuple[Path, Path] | None]
+) -> None:
+    """Each client (None: no certificate) is refused at the handshake on both ports."""
+    for client in clients:
+        with grpc.secure_channel(f"127.0.0.1:{srv.port}", credentials(pki, client)) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.EdgeLLMStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
+            assert refused.value.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(
+                f"https://127.0.0.1:{srv.http_port}/health",
+                verify=client_context(pki, client),
+                timeout=10,
+            )
+
+
+def test_sighup_replaces_the_client_ca(tiny_model: Path, pki: Pki, tmp_path: Path) -> None:
+    cert, key = pki.issue("server-r", server=True)
+    live_ca = tmp_path / "clients.pem"
+    live_ca.write_bytes(pki.ca.read_bytes())
+    serve = ServeProcess(
+        tiny_model,
+        *("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(live_ca)),
+    )
+    try:
+        serve.wait_for_log("ready:")
+        before = pki.issue("kiosk-before")
+        assert_accepted(serve, pki, before)
+        successor = Pki(tmp_path, "the successor CA")
+        live_ca.write_bytes(successor.ca.read_bytes())
+        serve.proc.send_signal(signal.SIGHUP)
+        serve.wait_for_log("TLS certificate re-read")
+        # The CA taken out is trusted no more, on either port; the new one's clients are.
+        assert_refused(serve, pki, [before])
+        after = successor.issue("kiosk-after")
+        assert_accepted(serve, pki, after)
+    finally:
+        serve.kill()
+
+
+def assert_accepted(srv: ServeProcess, pki: Pki, client: tuple[Path, Path]) -> None:
+    """The client is served on both ports (the server's certificate is pki's)."""
+    with grpc.secure_channel(f"127.0.0.1:{srv.port}", credentials(pki, client)) as channel:
+        assert pb_grpc.EdgeLLMStub(channel).GetInfo(pb.GetInfoRequest(), timeout=60).model.name
+    info = f"https://127.0.0.1:{srv.http_port}/api/info"
+    assert httpx.get(info, verify=client_context(pki, client), timeout=60).is_success
 
 
 def test_sighup_swaps_the_certificate_and_streams_go_on(
