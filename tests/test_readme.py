@@ -51,19 +51,26 @@ def test_python_example(server: Server) -> None:
 
 
 def test_the_network_set_up_works_when_pasted(tiny_model: Path, tmp_path: Path) -> None:
-    """Its first block run as written (in a scratch directory), but `edge-llm serve`, started
-    with the same flags on free ports; then its second block, the clients."""
+    """Each set-up (tokens, then client certificates) run as written in one scratch directory,
+    but `edge-llm serve`, started with the same flags on free ports; then its clients."""
     section = README.split("## On a network: tokens and TLS", 1)[1].split("\n## ", 1)[0]
-    set_up, clients = (b.replace("\\\n", " ") for b in blocks("sh", section))
+    tokens_set_up, tokens_clients, mtls_set_up, mtls_clients = (
+        b.replace("\\\n", " ") for b in blocks("sh", section)
+    )
+    pasted(tiny_model, tmp_path, tokens_set_up, tokens_clients)
+    pasted(tiny_model, tmp_path, mtls_set_up, mtls_clients)
+
+
+def pasted(tiny_model: Path, directory: Path, set_up: str, clients: str) -> None:
     *commands, serve_line = set_up.strip().splitlines()
     assert serve_line.startswith("edge-llm serve ")
-    made = subprocess.run(["bash", "-euc", "\n".join(commands)], cwd=tmp_path, capture_output=True)
+    made = subprocess.run(["bash", "-euc", "\n".join(commands)], cwd=directory, capture_output=True)
     assert made.returncode == 0, made.stderr
     flags = shlex.split(serve_line)[2:]
     flags[flags.index("--http-listen") + 1] = "0.0.0.0:0"
-    files = ("--auth-tokens", "--tls-cert", "--tls-key")
-    for flag in files:
-        flags[flags.index(flag) + 1] = str(tmp_path / flags[flags.index(flag) + 1])
+    for i, flag in enumerate(flags):
+        if flag in ("--auth-tokens", "--tls-cert", "--tls-key", "--tls-client-ca"):
+            flags[i + 1] = str(directory / flags[i + 1])
     serve = ServeProcess(tiny_model, *flags)
     try:
         serve.wait_for_log("ready:")
@@ -75,7 +82,7 @@ def test_the_network_set_up_works_when_pasted(tiny_model: Path, tmp_path: Path) 
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the venv's edge-llm
         out = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", live],
-            cwd=tmp_path,
+            cwd=directory,
             capture_output=True,
             text=True,
             env={**os.environ, "PATH": path},
