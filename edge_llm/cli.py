@@ -113,6 +113,13 @@ def _serve_parser(
     )
     if name == "doctor":
         p.add_argument("--json", action="store_true", help="machine-readable report")
+        p.add_argument(
+            "--board",
+            metavar="DIR",
+            type=Path,
+            help="report for the board whose files scripts/record-board copied to DIR (of "
+            "this machine's architecture: the CPU variant is still tried on this CPU)",
+        )
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -213,12 +220,13 @@ def _fetch_model(name: str | None, print_path: bool) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "json")}
+    skip = ("command", "config", "json", "board")
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
     config = load_config(flags, config_file=args.config)
     if args.command == "doctor":
         from edge_llm import doctor
 
-        return doctor.main(config, args.json)
+        return doctor.main(config, args.json, args.board)
     from edge_llm import logs, server
 
     logs.setup(config.log_level)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from edge_llm import backend, hardware, memory, models
@@ -13,8 +15,20 @@ from edge_llm.server import plan_resources
 MIB = memory.MIB
 
 
-def report(config: Config) -> dict[str, Any]:
-    board = hardware.detect()
+class BoardError(ValueError):
+    """A recorded board this machine cannot stand in for."""
+
+
+def report(config: Config, board_root: Path = hardware.LIVE) -> dict[str, Any]:
+    """What serve would decide on this board, or on the one recorded under `board_root`."""
+    board = hardware.detect(board_root)
+    here = hardware.detect().arch
+    if board.arch != here:
+        raise BoardError(
+            f"{board_root} is a recording of an {board.arch} board; this machine is {here}, "
+            "and the CPU variant is chosen by trying it on the CPU: run this on an "
+            f"{board.arch} machine (or under qemu-{board.arch})"
+        )
     threads = hardware.plan_threads(board)
     path = models.resolve(config.model)
     out: dict[str, Any] = {
@@ -48,7 +62,7 @@ def report(config: Config) -> dict[str, Any]:
             "uses": list(cpu_features_used(system_info())),
         }
         models.check_gguf(path, config.model)
-        plan = plan_resources(config, path)
+        plan = plan_resources(config, path, board)
     except (backend.BackendError, models.ModelError, ModelLoadError, memory.MemoryPlanError) as e:
         out["warnings"].append(str(e))
     else:
@@ -80,8 +94,12 @@ def report(config: Config) -> dict[str, Any]:
     return out
 
 
-def main(config: Config, as_json: bool) -> int:
-    r = report(config)
+def main(config: Config, as_json: bool, board_root: Path | None = None) -> int:
+    try:
+        r = report(config, board_root or hardware.LIVE)
+    except BoardError as e:
+        print(f"edge-llm: {e}", file=sys.stderr)
+        return 2
     if as_json:
         print(json.dumps(r, indent=2))
         return 0

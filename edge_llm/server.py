@@ -409,14 +409,17 @@ class ResourcePlan:
     memory: memory.MemoryPlan
 
 
-def plan_resources(config: Config, model_path: Path) -> ResourcePlan:
-    """CPU variant and threads from the board, the context from the memory budget.
+def plan_resources(
+    config: Config, model_path: Path, board: hardware.Board | None = None
+) -> ResourcePlan:
+    """CPU variant and threads from the board (this one unless given), the context from the
+    memory budget.
 
     Configured values win. Loads the CPU backend (llama.cpp can read no model before that): the
     best variant that passes a self-test on this model's weight types.
     """
     cpu = backend.load(config.cpu_variant, model_path)
-    board = hardware.detect()
+    board = board or hardware.detect()
     threads = hardware.plan_threads(board)
     limit = memory.budget(board.mem_limit, board.mem_total, board.mem_available)
     if config.memory_budget_mb:

@@ -408,3 +408,25 @@ def test_openmp_waits_briefly_unless_told_otherwise(env: dict[str, str], shown: 
     assert shown in result.stderr
     if env:
         assert "GOMP_SPINCOUNT = '2000'" not in result.stderr
+
+
+def test_doctor_reports_for_a_recorded_board(tiny_model: Path) -> None:
+    """--board DIR: the board's CPUs, threads and memory; the CPU variant still tried here."""
+    boards = Path(__file__).parent / "fixtures" / "boards"
+    same, other = (
+        ("intel-i5-8250u", "raspberry-pi-5")
+        if platform.machine() == "x86_64"
+        else ("raspberry-pi-5", "intel-i5-8250u")
+    )
+    recorded = hardware.detect(boards / same)
+    report = doctor("--model", str(tiny_model), "--board", str(boards / same))
+    assert report["board"]["model"] == recorded.model
+    assert report["board"]["cpus"] == [c.id for c in recorded.cpus]
+    assert report["threads"]["generation"] == hardware.plan_threads(recorded).generation
+    assert (
+        report["cpu_backend"]["variant"]
+        == doctor("--model", str(tiny_model))["cpu_backend"]["variant"]
+    )
+    refused = edge_llm("doctor", "--model", str(tiny_model), "--board", str(boards / other))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"this machine is {platform.machine()}" in refused.stderr
