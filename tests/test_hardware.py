@@ -24,6 +24,7 @@ def board(name: str) -> hardware.Board:
         ("raspberry-pi-5", "aarch64", 4, 4, 4),
         # big.LITTLE: generation on the 4 Cortex-A76 only; prompt on all, capped by the quota.
         ("rk3588-orange-pi-5", "aarch64", 8, 4, 6),
+        ("azure-cobalt-100-4vcpu", "aarch64", 4, 4, 4),
         # 4 cores / 8 threads: one thread per physical core.
         ("intel-i5-8250u", "x86_64", 8, 4, 4),
         ("epyc-zen5-2core", "x86_64", 2, 2, 2),
@@ -126,6 +127,7 @@ def test_board_warnings() -> None:
         ("raspberry-pi-4", "armv8.0_1"),  # Cortex-A72: no dot product, no fp16 arithmetic
         ("raspberry-pi-5", "armv8.2_2"),  # Cortex-A76: dotprod + fp16
         ("rk3588-orange-pi-5", "armv8.2_2"),
+        ("azure-cobalt-100-4vcpu", "armv8.6_2"),  # Neoverse N2: SVE2 and int8 matmul, no SME
         ("intel-i5-8250u", "haswell"),  # AVX2, FMA, F16C, BMI2; no AVX-512
         ("epyc-zen5-2core", "zen4"),  # AVX-512 with VBMI, VNNI and BF16
         ("xeon-amx-2core", "sapphirerapids"),  # what the flags claim; see test_backend.py
