@@ -30,11 +30,11 @@ from typing import Any
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
-from edge_llm import hardware, models  # noqa: E402
+from edge_llm import hardware  # noqa: E402
 
 ARM64_ENV = CHECKOUT / "scripts" / "arm64-env"
 BOARDS_DIR = CHECKOUT / "tests" / "fixtures" / "boards"
-MODELS_IN_ROOT = "/var/cache/edge-llm-test/models"  # the tiny model, copied into the root
+MODELS_IN_ROOT = "/root/.cache/edge-llm/models"  # where `arm64-env run` mounts this machine's
 
 
 @dataclass(frozen=True)
@@ -170,14 +170,16 @@ def serve_and_generate(name: str, board: Board, cache: str, host_cli: Path) -> N
                 runtime["cpuVariant"] == board.variant,
                 f"serving on {runtime['cpuVariant']}, {runtime['threads']} threads",
             )
+            # A plain completion whose greedy answer every variant and x86 agree on (a chat
+            # answer of this tiny model differs between variants: flash attention in fp16).
             answer = subprocess.run(
-                [str(host_cli), "generate", "Say hello", "--max-tokens", "12",
-                 "--temperature", "0", "--stats", *address],
+                [str(host_cli), "generate", "--raw", "The capital of France is",
+                 "--max-tokens", "4", "--temperature", "0", *address],
                 capture_output=True, text=True, timeout=1800,
             )  # fmt: skip
             check(
-                answer.returncode == 0 and answer.stdout.strip() != "",
-                f"streamed to the host over gRPC: {answer.stdout.strip()[:60]!r}",
+                answer.returncode == 0 and "Paris" in answer.stdout,
+                f"streamed to the host over gRPC: {answer.stdout.strip()!r} {answer.stderr[-500:]}",
             )
             os.killpg(server.pid, signal.SIGTERM)
             wait_for(Path(log.name), "stopped", server, timeout=600)
@@ -199,17 +201,10 @@ def unit_tests(board: Board, cache: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("boards", nargs="*", help=f"of {', '.join(BOARDS)} (default: all)")
-    parser.add_argument("--root", required=True, help="the root scripts/arm64-env made")
     parser.add_argument("--no-unit-tests", action="store_true")
     args = parser.parse_args()
-    root = Path(args.root)
     if unknown := [b for b in args.boards if b not in BOARDS]:
         parser.error(f"unknown boards {unknown}; the boards are {', '.join(BOARDS)}")
-    tiny = models.resolve("tiny")
-    copy = root / MODELS_IN_ROOT.lstrip("/") / tiny.name
-    if not copy.is_file() or copy.stat().st_size != tiny.stat().st_size:
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        copy.write_bytes(tiny.read_bytes())
     host_cli = Path(sys.executable).parent / "edge-llm"
     results: dict[str, str] = {}
     started = time.monotonic()
