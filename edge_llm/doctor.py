@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ class BoardError(ValueError):
 def report(config: Config, board_root: Path = hardware.LIVE) -> dict[str, Any]:
     """What serve would decide on this board, or on the one recorded under `board_root`."""
     board = hardware.detect(board_root)
-    here = hardware.detect().arch
+    here = platform.machine()
     if board.arch != here:
         raise BoardError(
             f"{board_root} is a recording of an {board.arch} board; this machine is {here}, "

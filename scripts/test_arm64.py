@@ -111,7 +111,7 @@ def wait_for(path: Path, text: str, proc: subprocess.Popen[str], timeout: float)
         time.sleep(0.5)
 
 
-def doctor(name: str, board: Board, cache: str) -> None:
+def doctor(board: Board, cache: str) -> None:
     fixture = BOARDS_DIR / board.fixture
     code, out, err = run_in_root(
         board, "python3", "-m", "edge_llm", "doctor", "--json", "--model", "tiny",
@@ -216,7 +216,7 @@ def main() -> int:
         board_start = time.monotonic()
         cache = f"/tmp/edge-llm-test-{name}"  # in the root: a verdict cache of its own
         try:
-            doctor(name, board, cache)
+            doctor(board, cache)
             serve_and_generate(name, board, cache, host_cli)
             if i == 0 and not args.no_unit_tests:
                 unit_tests(board, cache)
