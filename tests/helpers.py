@@ -24,6 +24,10 @@ from edge_llm.conversations import Conversations
 from edge_llm.decoding import Job
 from edge_llm.server import Server
 
+# Seconds an answer may take before a test calls it hung: no speed claim. Answers take a second
+# here and a minute under QEMU's ARM emulation (scripts/test-arm64).
+HANG_GUARD = 600
+
 
 def make_config(model: Path, **overrides: object) -> Config:
     base = dict(

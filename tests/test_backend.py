@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import ServeProcess
+from helpers import HANG_GUARD, ServeProcess
 
 from edge_llm import backend, cpucheck, hardware
 from edge_llm.engine import cpu_features_used, system_info
@@ -169,8 +169,8 @@ def test_a_prompt_sized_batch_and_a_long_answer_run_on_the_chosen_variant(tiny_m
             stub = pb_grpc.EdgeLLMStub(channel)
             prompt = "Tell me about the sea, the ships and the harbour. " * 30
             request = pb.GenerateRequest(prompt=prompt, max_tokens=200, ignore_eos=True)
-            # A hang guard: a second here, ten minutes for Armv8.0 under QEMU on a busy host.
-            last = list(stub.Generate(request, timeout=1800))[-1]
+            # A second here; ten minutes for Armv8.0 under QEMU on a busy host.
+            last = list(stub.Generate(request, timeout=3 * HANG_GUARD))[-1]
         assert last.usage.prompt_tokens >= 300
         assert last.usage.completion_tokens == 200
         assert last.finish_reason == pb.FINISH_REASON_LENGTH

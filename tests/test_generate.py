@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import llama_cpp
 import pytest
-from helpers import Hold, start_server, submissions
+from helpers import HANG_GUARD, Hold, start_server, submissions
 
 from edge_llm import backend
 from edge_llm.decoding import Job
@@ -19,8 +19,6 @@ from edge_llm.v1 import edge_llm_pb2 as pb
 from edge_llm.v1 import edge_llm_pb2_grpc as pb_grpc
 
 PROMPT = "The history of the printing press begins"
-# Answers take a second here and a minute under QEMU (scripts/test-arm64): a hang guard only.
-HANG_GUARD = 600
 
 
 def collect(stub: pb_grpc.EdgeLLMStub, **fields: object) -> tuple[list[str], pb.GenerateResponse]:

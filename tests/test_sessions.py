@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import Hold, ServeProcess, freed, start_server
+from helpers import HANG_GUARD, Hold, ServeProcess, freed, start_server
 from test_health_reflection import grpcurl
 
 from edge_llm.decoding import Job
@@ -33,11 +33,6 @@ QUESTIONS = [
     "Name a river in each.",
     "Thank you!",
 ]
-
-
-# Seconds a call may take before the test calls it hung: no speed claim (under QEMU's ARM
-# emulation, scripts/test-arm64, answers come ten times slower).
-HANG_GUARD = 600
 
 
 def new_session(stub: pb_grpc.EdgeLLMStub, system: str = "You are a geography tutor.") -> str:
